@@ -1,0 +1,106 @@
+"""Command line: `grpo_llm_eval [train|judge|evaluate|report] ...`. Errors exit non-zero with one clear line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from grpo_llm_eval.config_load import ConfigError, dump_yaml, load_config
+
+logger = logging.getLogger("grpo_llm_eval")
+COMMANDS = ("train", "judge", "evaluate", "report")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (default: the embedded offline config, configs/offline.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key; value parsed as YAML; dotted keys reach sections (trl.loss_type=dr_grpo)")
+    p.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grpo_llm_eval", description="GRPO on a teacher LLM's rubric grades.")
+    sub = parser.add_subparsers(dest="command")
+    train = sub.add_parser("train", help="train the student (the default command)")
+    _common(train)
+    train.add_argument("--dry-run", action="store_true", help="validate, print the resolved config, load nothing")
+    train.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                       help="resume the run: the latest checkpoint in its folder, or the checkpoint PATH")
+    judge = sub.add_parser("judge", help="grade existing responses with the teacher")
+    _common(judge)
+    judge.add_argument("--input", required=True, help="JSONL with question, response (or completion), answer")
+    judge.add_argument("--output", required=True, help="JSONL to write, one graded row per input row")
+    return parser
+
+
+def _setup_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpcore", "openai", "urllib3", "filelock", "datasets", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from grpo_llm_eval.data import DataError
+    from grpo_llm_eval.models import ModelError
+    from grpo_llm_eval.run_dir import RunDirError
+    from grpo_llm_eval.teacher.types import TeacherUnavailable
+
+    return DataError, ModelError, RunDirError, TeacherUnavailable
+
+
+def run_train(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        sys.stdout.write(dump_yaml(cfg))
+        return 0
+    from grpo_llm_eval.train import train
+
+    result = train(cfg, resume=args.resume)
+    logger.info("Done: %d steps. Run folder: %s (final model: %s)", result.global_step, result.run_dir, result.final_dir)
+    return 0
+
+
+def run_judge(args) -> int:
+    from grpo_llm_eval.judge_file import judge_file
+
+    cfg = load_config(args.config, args.overrides)
+    summary = judge_file(cfg, args.input, args.output)
+    logger.info("Graded %d rows (%d ok) into %s", summary["rows"], summary["ok"], args.output)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
+        argv = ["train", *argv]  # train is the default command
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.debug)
+    handlers = {"train": run_train, "judge": run_judge}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        known = _known_errors()
+        from grpo_llm_eval.train import TrainingAborted
+
+        kind = "error" if isinstance(exc, known + (TrainingAborted,)) else f"error ({type(exc).__name__})"
+        print(f"{kind}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}", file=sys.stderr)
+        if not isinstance(exc, known + (TrainingAborted,)):
+            print("run again with --debug for the full traceback", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

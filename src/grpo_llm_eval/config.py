@@ -1,0 +1,119 @@
+"""Configuration dataclasses. Every field carries its help text, which feeds the README table.
+
+The flat keys are the seed's (same names, same meaning); sections (`lora`, `trl`, `criteria`) are new.
+Loading, `--set` overrides and validation live in `config_load.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+SEED_EVALUATION_PROMPT = (
+    "You are a teacher evaluating a student's answer. Evaluate the following student's response in two "
+    "parts:\n1) Correctness of the thought process (rated from 1 to 10), and\n2) Correctness of the final "
+    "answer (rated from 1 to 10).\n3) Format and clarity of the response (rated from 1 to 10). Student must "
+    "have <think> and </think> tags included! If not, give 0 points for this assesment.\n\nThink about the "
+    "student's thought process and the final answer using <think> ... </think> tags.\nProvide detailed "
+    "feedback after your thinking process using the following XML format:\n<evaluation>\n  <thought_process>"
+    "<score>{score}</score><explanation>{explanation}</thought_process>\n  <answer><score>{score}</score>"
+    "<explanation>{explanation}</answer>\n  <format><score>{score}</score><explanation>{explanation}</format>"
+    "\n</evaluation>\n\nStudent Response:\n{student_response}\nGround Truth:\n{ground_truth}\n"
+)
+SEED_SYSTEM_PROMPT = "Respond in the following format:\n<think>\n...\n</think>\n...\n$\\boxed{answer}$"
+BUNDLED_STUDENT = "bundled:smollm2-135m-instruct"
+
+
+def _f(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field with help metadata (and optional `choices`, `min`, `max`, `secret`)."""
+    meta = {"help": help, **extra}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class LoraSection:
+    """LoRA adapter settings (peft). With LoRA the reference model is the base with the adapter off."""
+
+    enabled: bool = _f(False, "Train a LoRA adapter instead of all weights.")
+    r: int = _f(16, "LoRA rank.", min=1)
+    alpha: int = _f(32, "LoRA alpha (scaling numerator).", min=1)
+    dropout: float = _f(0.05, "LoRA dropout.", min=0.0, max=1.0)
+    target_modules: Any = _f("all-linear", "Modules to adapt: 'all-linear' or a list of module names.")
+    merge_on_save: bool = _f(False, "Also save a merged full model under final/merged/.")
+
+
+@dataclass
+class Config:
+    """The whole run, as read from one YAML file."""
+
+    # ---- models -------------------------------------------------------------------------------
+    student_model_name: str = _f(BUNDLED_STUDENT, "Student: Hub id, local folder, or bundled:NAME.")
+    teacher_model_name: str = _f(BUNDLED_STUDENT, "Teacher model: the served model name (openai) or a model (local).")
+    teacher_backend: str = _f("local", "Where the teacher runs.", choices=("openai", "local"))
+    openai_base_url: str = _f("", "OpenAI-compatible base URL of the teacher; empty: the openai library's default. Key from OPENAI_API_KEY.")
+    use_unsloth: bool = _f(False, "Load the student with unsloth (only where it imports and CUDA is there; else a warning).")
+    load_in_4bit: bool = _f(False, "Load the student in 4 bit (only where bitsandbytes and CUDA are there; else a warning).")
+    lora: LoraSection = field(default_factory=LoraSection, metadata={"help": "LoRA section (see below)."})
+    # ---- data ---------------------------------------------------------------------------------
+    dataset_name: str = _f("bundled:arithmetic", "Hub id, .jsonl/.json/.csv/.parquet file, save_to_disk folder, or bundled:NAME.")
+    dataset_question_column: str = _f("question", "Column holding the question.")
+    dataset_answer_column: str = _f("answer", "Column holding the ground-truth answer.")
+    dataset_split: str = _f("train", "Split to train on.")
+    eval_split: str = _f("test", "Held-out split for evaluation.")
+    max_train_samples: int = _f(0, "Use at most this many training rows (0: all).", min=0)
+    # ---- output -------------------------------------------------------------------------------
+    output_dir: str = _f("runs", "Folder that holds run folders.")
+    run_name: str = _f("", "Run folder name under output_dir; empty: a timestamp.")
+    cache_dir: str = _f("~/.cache/grpo_llm_eval", "Cache for converted models and downloads.")
+    save_steps: int = _f(50, "Save a checkpoint every this many steps.", min=1)
+    save_total_limit: int = _f(3, "Keep only the last K checkpoints (0: keep all).", min=0)
+    logging_steps: int = _f(1, "Log metrics every this many steps.", min=1)
+    # ---- optimisation -------------------------------------------------------------------------
+    learning_rate: float = _f(5e-7, "Learning rate.", min=0.0)
+    warmup_steps: int = _f(0, "Linear warm-up steps.", min=0)
+    total_steps: int = _f(1000, "Number of optimizer updates (TRL max_steps).", min=1)
+    prompts_per_step: int = _f(4, "Prompts per update on each process; each yields num_return_sequences completions.", min=1)
+    accumulation_steps: int = _f(1, "Gradient accumulation steps.", min=1)
+    max_grad_norm: float = _f(0.1, "Gradient clipping norm.", min=0.0)
+    seed: int = _f(3409, "Random seed.")
+    grpo_beta: float = _f(0.0, "KL coefficient to the reference model (TRL beta).", min=0.0)
+    # ---- generation (student) -----------------------------------------------------------------
+    max_new_tokens: int = _f(256, "Max tokens per student completion.", min=1)
+    num_return_sequences: int = _f(8, "Completions per prompt (the GRPO group size).", min=2)
+    temperature: float = _f(0.7, "Student sampling temperature.", min=0.0)
+    top_p: float = _f(0.9, "Student nucleus sampling.", min=0.0, max=1.0)
+    top_k: int = _f(50, "Student top-k sampling (0: off).", min=0)
+    repetition_penalty: float = _f(1.0, "Student repetition penalty.", min=0.0)
+    max_seq_length: int = _f(1024, "Max tokens of a prompt (longer prompts are cut from the left) and of an SFT example.", min=8)
+    system_prompt: str = _f(SEED_SYSTEM_PROMPT, "System prompt for the student; empty: none.")
+    think_open_string: str = _f("<think>", "Opening think tag.")
+    think_close_string: str = _f("</think>", "Closing think tag.")
+    # ---- teacher ------------------------------------------------------------------------------
+    evaluation_prompt: str = _f(SEED_EVALUATION_PROMPT, "Teacher prompt; takes {question}, {student_response}, {ground_truth}.")
+    criteria: list = _f([], "Rubric criteria [{name, weight, description, min, max}]; empty: the seed's three.")
+    thought_process_weight: float = _f(0.07, "Weight of the thought_process score (seed rubric).", min=0.0)
+    answer_weight: float = _f(0.1, "Weight of the answer score (seed rubric).", min=0.0)
+    format_weight: float = _f(0.03, "Weight of the format score (seed rubric).", min=0.0)
+    max_feedback_new_tokens: int = _f(512, "Max tokens of a teacher grade.", min=1)
+    teacher_temperature: float = _f(0.0, "Teacher sampling temperature.", min=0.0)
+    teacher_timeout_s: float = _f(120.0, "Timeout of one teacher call, seconds.", min=0.0)
+    teacher_max_retries: int = _f(3, "Retries of a failed teacher call (backoff honours Retry-After).", min=0)
+    teacher_max_concurrency: int = _f(32, "Teacher calls in flight at once, across the whole batch.", min=1)
+    teacher_structured_output: bool = _f(False, "Ask for JSON-schema-constrained grades (response_format); falls back if refused.")
+    teacher_logprob_scores: bool = _f(False, "Score = probability-weighted mean over score tokens (needs top_logprobs).")
+    teacher_weight: float = _f(1.0, "Weight of the teacher's rubric reward among all rewards.", min=0.0)
+    teacher_cache: bool = _f(True, "Answer repeated (model, rubric, prompt, response) from the run's cache.")
+    # ---- verifiers ----------------------------------------------------------------------------
+    verifier_answer_weight: float = _f(0.0, "Weight of the math-verify answer check (1 right, 0 wrong).", min=0.0)
+    verifier_format_weight: float = _f(0.0, "Weight of the think-tag format check.", min=0.0)
+    verifier_veto: bool = _f(False, "A failed answer check caps the teacher's answer score at its minimum.")
+    # ---- SFT on feedback ----------------------------------------------------------------------
+    sft_beta: float = _f(0.0, "Weight of the SFT loss on teacher feedback, added to the GRPO loss.", min=0.0)
+    sft_target: str = _f("feedback", "SFT target.", choices=("feedback", "best_response"))
+    sft_recheck_prompt: str = _f("Let's recheck the previous answer", "User turn before the teacher's feedback in SFT examples.")
+    # ---- robustness ---------------------------------------------------------------------------
+    max_consecutive_failed_steps: int = _f(5, "Stop (with a checkpoint) after this many steps whose grades all failed.", min=1)
+    # ---- pass-through -------------------------------------------------------------------------
+    trl: dict = _f({}, "Any trl.GRPOConfig field, e.g. {loss_type: dr_grpo}; wins over mapped keys.")

@@ -1,0 +1,77 @@
+"""`grpo_llm_eval judge`: grade existing responses with the teacher, the evaluator on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from grpo_llm_eval.records import JsonlWriter, read_jsonl
+from grpo_llm_eval.teacher import build_teacher
+from grpo_llm_eval.teacher.rubric import Rubric
+from grpo_llm_eval.teacher.types import JudgeRequest
+from grpo_llm_eval.verifiers import answer_correct
+
+logger = logging.getLogger(__name__)
+
+RESPONSE_KEYS = ("response", "completion", "student_response")
+TRUTH_KEYS = ("answer", "ground_truth")
+
+
+def _field(row: dict, keys: tuple[str, ...]):
+    return next((row[k] for k in keys if row.get(k) is not None), None)
+
+
+def judge_file(cfg, input_path: str, output_path: str, batch_size: int = 64) -> dict:
+    """Grade every row of INPUT (JSONL with question, response, answer); write OUTPUT; return counts.
+
+    Rows without a response are written with judge_status "skipped" so that output lines match input lines.
+    """
+    rows = read_jsonl(input_path)
+    if not rows:
+        raise ValueError(f"--input {input_path}: no JSON rows found; expected JSONL with question, response, answer.")
+    rubric = Rubric.from_config(cfg)
+    out = Path(output_path)
+    tmp = out.with_name(out.name + ".partial")
+    tmp.unlink(missing_ok=True)
+    writer = JsonlWriter(tmp)
+    ok = 0
+
+    async def run() -> None:
+        nonlocal ok
+        teacher = build_teacher(cfg, rubric, cache_path=None)
+        try:
+            await teacher.health_check()
+            for start in range(0, len(rows), batch_size):
+                batch = rows[start:start + batch_size]
+                todo = [i for i, r in enumerate(batch) if _field(r, RESPONSE_KEYS) is not None]
+                requests = [JudgeRequest(str(batch[i].get("question", "")), str(_field(batch[i], RESPONSE_KEYS)),
+                                         None if _field(batch[i], TRUTH_KEYS) is None else str(_field(batch[i], TRUTH_KEYS)))
+                            for i in todo]
+                judged = dict(zip(todo, await teacher.judge(requests), strict=True))
+                graded = []
+                for i, row in enumerate(batch):
+                    j = judged.get(i)
+                    if j is None:
+                        graded.append({**row, "judge_status": "skipped"})
+                        continue
+                    ok += j.ok
+                    truth = _field(row, TRUTH_KEYS)
+                    graded.append({**row, "scores": j.scores, "feedback": j.feedback, "judge_status": j.status,
+                                   "teacher_reward": rubric.reward(j.scores) if j.ok else None,
+                                   "answer_correct": answer_correct(str(_field(row, RESPONSE_KEYS)),
+                                                                    None if truth is None else str(truth),
+                                                                    cfg.think_close_string),
+                                   "judge_latency_s": j.latency_s, "judge_attempts": j.attempts})
+                writer.write_many(graded)
+                writer.sync()
+                logger.info("graded %d/%d", min(start + batch_size, len(rows)), len(rows))
+        finally:
+            await teacher.aclose()
+
+    try:
+        asyncio.run(run())
+    finally:
+        writer.close()
+    tmp.replace(out)
+    return {"rows": len(rows), "ok": ok}

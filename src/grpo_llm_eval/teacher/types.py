@@ -1,0 +1,65 @@
+"""Typed requests and results of the teacher, and the interface every backend implements."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+# Statuses a Judgement can carry. "ok" is the only one whose scores count.
+STATUS_OK = "ok"
+STATUSES = ("ok", "http_error", "timeout", "rate_limited", "connection_error", "unparseable", "incomplete", "empty", "error")
+
+
+class TeacherUnavailable(RuntimeError):
+    """The teacher cannot be used at all (unreachable, wrong model name): raised by health_check, fail fast."""
+
+
+@dataclass(frozen=True)
+class JudgeRequest:
+    """One student response to grade."""
+
+    question: str
+    response: str
+    ground_truth: str | None = None
+
+
+@dataclass
+class Judgement:
+    """A teacher's grade of one response. A failure is a status, never a made-up score.
+
+    >>> Judgement(scores={"answer": 9.0}, feedback="Right.", raw="...", status="ok").ok
+    True
+    """
+
+    scores: dict[str, float | None]
+    feedback: str | None
+    raw: str | None
+    status: str
+    latency_s: float = 0.0
+    attempts: int = 1
+    cached: bool = False
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == STATUS_OK
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def failed(cls, status: str, criteria: list[str], error: str | None = None, raw: str | None = None,
+               latency_s: float = 0.0, attempts: int = 1) -> "Judgement":
+        return cls(scores={c: None for c in criteria}, feedback=None, raw=raw, status=status,
+                   latency_s=latency_s, attempts=attempts, error=error)
+
+
+class Teacher(Protocol):
+    """What the reward function needs: grade a batch concurrently, in order."""
+
+    async def judge(self, requests: list[JudgeRequest]) -> list[Judgement]: ...
+
+    async def health_check(self) -> None: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,151 @@
+"""The training entry point, top to bottom: config -> run folder -> data -> teacher -> student -> trainer -> save."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from grpo_llm_eval import data as data_mod
+from grpo_llm_eval import models, run_dir
+from grpo_llm_eval.teacher import build_teacher
+from grpo_llm_eval.teacher.rubric import Rubric
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingAborted(Exception):
+    """Training stopped on purpose (e.g. every grade failed for too long); a checkpoint was written."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    global_step: int
+    final_dir: Path | None
+
+
+def grpo_args(cfg, out_dir: Path):
+    """Map the seed's keys onto trl.GRPOConfig; the `trl:` section wins over mapped values."""
+    import torch
+    from trl import GRPOConfig
+
+    cuda = torch.cuda.is_available()
+    mapped = dict(
+        output_dir=str(out_dir),
+        max_steps=cfg.total_steps,
+        learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        beta=cfg.grpo_beta,
+        num_generations=cfg.num_return_sequences,
+        max_completion_length=cfg.max_new_tokens,
+        per_device_train_batch_size=cfg.prompts_per_step * cfg.num_return_sequences,
+        gradient_accumulation_steps=cfg.accumulation_steps,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        repetition_penalty=cfg.repetition_penalty,
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit or None,
+        logging_steps=cfg.logging_steps,
+        use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        report_to="none",
+        disable_tqdm=not sys.stderr.isatty(),
+        remove_unused_columns=False,
+        log_completions=False,
+    )
+    mapped.update(cfg.trl)
+    return GRPOConfig(**mapped)
+
+
+def _filter_long_prompts(dataset, tokenizer, cfg):
+    """Drop prompts that leave no room for the completion within max_seq_length; count them."""
+    limit = cfg.max_seq_length - cfg.max_new_tokens
+    if limit <= 0:
+        return dataset
+
+    def fits(row):
+        ids = tokenizer.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) else ids
+        return len(ids) <= limit
+
+    kept = dataset.filter(fits)
+    dropped = len(dataset) - len(kept)
+    if dropped:
+        logger.warning("Skipped %d of %d prompts longer than max_seq_length - max_new_tokens = %d tokens.",
+                       dropped, len(dataset), limit)
+    if len(kept) == 0:
+        raise data_mod.DataError(f"every prompt is longer than max_seq_length - max_new_tokens = {limit} tokens; "
+                                 "raise max_seq_length or lower max_new_tokens.")
+    return kept
+
+
+def train(cfg, resume: str | bool | None = None) -> TrainResult:
+    """Run GRPO training as configured; returns where the run lives."""
+    from accelerate import PartialState
+
+    from grpo_llm_eval.callbacks import FailedGradesGuard, ProgressLines, RecordsCallback
+    from grpo_llm_eval.records import RolloutRecorder
+    from grpo_llm_eval.rewards import TeacherRubricReward
+    from grpo_llm_eval.trainer import TeacherGRPOTrainer
+
+    state = PartialState()
+    out = run_dir.prepare(cfg, resume=bool(resume)) if state.is_main_process else run_dir.run_dir_for(cfg)
+    state.wait_for_everyone()
+    loaded = data_mod.load_rows(cfg, cfg.dataset_split)
+    dataset = data_mod.build_prompts(loaded.dataset, cfg)
+
+    rubric = Rubric.from_config(cfg)
+    teacher = build_teacher(cfg, rubric, cache_path=out / "judgements.sqlite") if cfg.teacher_weight > 0 else None
+    if teacher is not None:
+        asyncio.run(teacher.health_check())  # fail fast, before any model is loaded
+
+    student = models.load_student(cfg)
+    dataset = _filter_long_prompts(dataset, student.tokenizer, cfg)
+    args = grpo_args(cfg, out)
+    recorder = RolloutRecorder(out, cfg.num_return_sequences, is_main=state.is_main_process)
+    reward = TeacherRubricReward(cfg, rubric, teacher, recorder)
+    trainer = TeacherGRPOTrainer(
+        model=student.model, reward_funcs=[reward], args=args, train_dataset=dataset,
+        processing_class=student.tokenizer, peft_config=models.lora_config(cfg),
+        run_cfg=cfg, recorder=recorder, reward=reward,
+    )
+    guard = FailedGradesGuard(trainer, cfg.max_consecutive_failed_steps)
+    trainer.add_callback(RecordsCallback(recorder, out, state.is_main_process))
+    trainer.add_callback(guard)
+    if args.disable_tqdm:
+        trainer.add_callback(ProgressLines())
+    try:
+        trainer.train(resume_from_checkpoint=resume or None)
+    finally:
+        recorder.close()
+        if teacher is not None:
+            trainer_loop = getattr(trainer, "async_loop", None)
+            if trainer_loop is not None and trainer_loop.is_running():
+                asyncio.run_coroutine_threadsafe(teacher.aclose(), trainer_loop).result(timeout=30)
+    if guard.tripped:
+        raise TrainingAborted(
+            f"every grade failed for {cfg.max_consecutive_failed_steps} steps in a row; stopped at step "
+            f"{trainer.state.global_step} with a checkpoint in {out}. Check the teacher (see judge_status in "
+            f"rollouts.jsonl), then resume with --resume.")
+    final = save_final(trainer, cfg, out)
+    return TrainResult(run_dir=out, global_step=trainer.state.global_step, final_dir=final)
+
+
+def save_final(trainer, cfg, out: Path) -> Path | None:
+    """final/ loads with from_pretrained (the adapter with LoRA; plus final/merged/ when asked)."""
+    final = out / "final"
+    trainer.save_model(str(final))
+    if trainer.accelerator.is_main_process:
+        trainer.processing_class.save_pretrained(str(final))
+        if cfg.lora.enabled and cfg.lora.merge_on_save:
+            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+            merged.save_pretrained(str(final / "merged"))
+            trainer.processing_class.save_pretrained(str(final / "merged"))
+    trainer.accelerator.wait_for_everyone()
+    return final

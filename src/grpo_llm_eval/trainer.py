@@ -1,0 +1,101 @@
+"""The one GRPOTrainer subclass: records each batch, adds the SFT term, skips steps whose grades all failed.
+
+Everything GRPO (sampling, advantages, clipped loss, KL, PEFT reference) is TRL's; this class only wraps two
+of its methods and calls the originals.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from accelerate.utils import gather_object
+from trl import GRPOTrainer
+
+from grpo_llm_eval import sft
+
+logger = logging.getLogger(__name__)
+
+
+class TeacherGRPOTrainer(GRPOTrainer):
+    """GRPO on teacher grades, plus `sft_beta` x SFT loss on the teacher's feedback in the same update."""
+
+    def __init__(self, *args, run_cfg=None, recorder=None, reward=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.run_cfg = run_cfg
+        self.recorder = recorder
+        self.teacher_reward = reward
+        self.sft_chunks: list[list[tuple[list[int], list[int]]]] = []
+        self.all_grades_failed = False
+        self.consecutive_failed = 0
+
+    def _metric(self, name: str, value: float) -> None:
+        # TRL averages self._metrics["train"][name] over the logging window (the same store log_metric feeds).
+        self._metrics["train"][name].append(float(value))
+
+    def _generate_and_score_completions(self, inputs):
+        start = time.perf_counter()
+        output = super()._generate_and_score_completions(inputs)
+        if not self.model.training:
+            return output
+        elapsed = time.perf_counter() - start
+        judge = self.teacher_reward.last_judge_wall_s if self.teacher_reward is not None else 0.0
+        self._metric("time/generate_s", elapsed - judge)
+        self._metric("time/judge_s", judge)
+        advantages = output["advantages"].tolist()
+        if self.recorder is not None:
+            self.recorder.finish_batch(advantages, step=self.state.global_step + 1,
+                                       gather=gather_object if self.accelerator.num_processes > 1 else None)
+        self._check_failed_grades()
+        self._prepare_sft()
+        return output
+
+    def _check_failed_grades(self) -> None:
+        cfg = self.run_cfg
+        if cfg is None or cfg.teacher_weight <= 0 or self.recorder is None:
+            return
+        local = self.recorder.last_batch
+        ok = sum(1 for r in local if r.get("reward") is not None)
+        counts = torch.tensor([ok, len(local)], dtype=torch.float32, device=self.accelerator.device)
+        ok_all, total = self.accelerator.reduce(counts, reduction="sum").tolist()
+        self.all_grades_failed = total > 0 and ok_all == 0
+        if self.all_grades_failed:
+            self.consecutive_failed += 1
+            logger.warning("Every grade of step %d failed: the update is skipped (%d in a row; the run stops at %d).",
+                           self.state.global_step + 1, self.consecutive_failed, cfg.max_consecutive_failed_steps)
+        else:
+            self.consecutive_failed = 0
+
+    def _prepare_sft(self) -> None:
+        cfg = self.run_cfg
+        self.sft_chunks = []
+        if cfg is None or cfg.sft_beta <= 0 or self.recorder is None:
+            return
+        chats = sft.select_targets(self.recorder.last_batch, cfg.sft_target, self.num_generations,
+                                   cfg.sft_recheck_prompt)
+        examples = [ex for chat in chats if (ex := sft.tokenize_example(self.processing_class, chat, cfg.max_seq_length))]
+        parts = self.args.steps_per_generation
+        # One slice per micro-step that this generation batch serves, as TRL splits the rollouts.
+        self.sft_chunks = [examples[i::parts] for i in range(parts)]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if not model.training:
+            return loss
+        if self.all_grades_failed:
+            return loss * 0.0  # nothing was graded: no update, not even the KL pull
+        cfg = self.run_cfg
+        if cfg is None or cfg.sft_beta <= 0:
+            return loss
+        chunk = self.sft_chunks[(self._step) % self.args.steps_per_generation] if self.sft_chunks else []
+        if not chunk:
+            self._metric("sft_tokens", 0)
+            return loss
+        pad = self.processing_class.pad_token_id
+        batch = sft.collate(chunk, pad if pad is not None else 0, self.accelerator.device)
+        s_loss, n_tokens = sft.sft_loss(model, batch)
+        self._metric("sft_loss", s_loss.item())
+        self._metric("sft_tokens", n_tokens)
+        # TRL's policy loss is already divided by the accumulation steps; scale the SFT term the same way.
+        return loss + cfg.sft_beta * s_loss / self.current_gradient_accumulation_steps

@@ -1,0 +1,66 @@
+"""Verifier rewards: checks that need no teacher (answer equality with math-verify, think-tag format)."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+logger = logging.getLogger(__name__)
+
+_NUMBER = re.compile(r"-?\d+(?:[.,]\d+)?")
+
+
+def _strip_thinking(text: str, think_close: str) -> str:
+    """The answer part of a response: what follows the last closing think tag, if any."""
+    if think_close and think_close in text:
+        return text.rsplit(think_close, 1)[1]
+    return text
+
+
+def answer_correct(response: str, ground_truth: str | None, think_close: str = "</think>") -> bool | None:
+    """Whether the response's final answer equals the ground truth (None: no ground truth to check against).
+
+    Uses math-verify (LaTeX and plain expressions, `\\boxed{}` included); falls back to comparing the last number.
+
+    >>> answer_correct("<think>3+4</think> The answer is $\\\\boxed{7}$", "7")
+    True
+    >>> answer_correct("It is 8", "7")
+    False
+    """
+    if ground_truth is None or not str(ground_truth).strip():
+        return None
+    answer = _strip_thinking(response or "", think_close)
+    try:
+        from math_verify import parse, verify
+
+        # Timeouts off: they rely on signals, which only work in the main thread, and rewards run in TRL's loop thread.
+        gold = parse(str(ground_truth), parsing_timeout=None)
+        pred = parse(answer[-2000:], parsing_timeout=None)
+        if gold and pred:
+            return bool(verify(gold, pred, timeout_seconds=None))
+    except Exception as exc:  # math-verify raises on odd input; fall back rather than lose the sample
+        logger.debug("math-verify failed (%s); comparing last numbers", exc)
+    numbers = _NUMBER.findall(answer)
+    gold_numbers = _NUMBER.findall(str(ground_truth))
+    if not numbers or not gold_numbers:
+        return False
+    try:
+        return float(numbers[-1].replace(",", ".")) == float(gold_numbers[-1].replace(",", "."))
+    except ValueError:
+        return False
+
+
+def format_correct(response: str, think_open: str = "<think>", think_close: str = "</think>") -> bool:
+    """Whether the response has one think block followed by a non-empty answer.
+
+    >>> format_correct("<think>4+3=7</think>7")
+    True
+    >>> format_correct("7")
+    False
+    """
+    text = response or ""
+    start = text.find(think_open)
+    end = text.find(think_close, start + len(think_open)) if start >= 0 else -1
+    if start < 0 or end < 0 or text.count(think_open) != 1 or text.count(think_close) != 1:
+        return False
+    return bool(text[start + len(think_open):end].strip()) and bool(text[end + len(think_close):].strip())

@@ -1,0 +1,169 @@
+"""Config loading, overrides and validation: every bad-config case names the key, the value and the fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from grpo_llm_eval.config import SEED_EVALUATION_PROMPT, Config
+from grpo_llm_eval.config_doc import END, START, config_table
+from grpo_llm_eval.config_load import (
+    ConfigError,
+    apply_overrides,
+    default_config_text,
+    dump_yaml,
+    load_config,
+    validate,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED_KEYS = """openai_base_url student_model_name teacher_model_name dataset_name dataset_question_column
+dataset_answer_column output_dir save_steps learning_rate max_new_tokens max_feedback_new_tokens num_return_sequences
+accumulation_steps temperature top_p top_k repetition_penalty max_seq_length cache_dir warmup_steps total_steps seed
+max_grad_norm grpo_beta sft_beta thought_process_weight answer_weight format_weight use_unsloth load_in_4bit
+system_prompt evaluation_prompt think_open_string think_close_string""".split()
+
+
+def problems_of(data: dict) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        validate(data)
+    return info.value.problems
+
+
+class TestSeedCompatibility:
+    def test_every_seed_key_is_a_config_field(self):
+        fields = set(Config.__dataclass_fields__)
+        assert [k for k in SEED_KEYS if k not in fields] == []
+
+    def test_example_yaml_carries_every_seed_key_and_validates(self):
+        data = yaml.safe_load((ROOT / "configs/example.yaml").read_text())
+        assert [k for k in SEED_KEYS if k not in data] == []
+        cfg = validate(data)
+        assert cfg.evaluation_prompt == SEED_EVALUATION_PROMPT
+        assert cfg.learning_rate == 5e-7 and cfg.lora.enabled
+
+    def test_offline_yaml_in_configs_is_the_embedded_default(self):
+        assert (ROOT / "configs/offline.yaml").read_text() == default_config_text()
+        validate(yaml.safe_load(default_config_text()))
+
+    def test_float_written_as_5e_minus_7_is_read_as_a_number(self):
+        # PyYAML reads 5e-7 (no dot) as a string; users write it that way.
+        assert validate({"learning_rate": "5e-7"}).learning_rate == pytest.approx(5e-7)
+
+
+class TestBadConfig:
+    def test_unknown_key_suggests_the_nearest_valid_one(self):
+        [p] = problems_of({"num_return_sequence": 4})
+        assert "num_return_sequence" in p and "did you mean 'num_return_sequences'" in p
+
+    def test_wrong_type_names_key_value_and_expected_type(self):
+        [p] = problems_of({"total_steps": "many"})
+        assert p.startswith("total_steps:") and "'many'" in p and "int" in p
+
+    def test_bool_is_not_accepted_as_a_number(self):
+        [p] = problems_of({"save_steps": True})
+        assert p.startswith("save_steps:")
+
+    def test_group_size_below_two_is_out_of_range(self):
+        [p] = problems_of({"num_return_sequences": 1})
+        assert "num_return_sequences" in p and "minimum 2" in p and ">= 2" in p
+
+    def test_top_p_above_one_is_out_of_range(self):
+        [p] = problems_of({"top_p": 1.5})
+        assert "top_p" in p and "maximum" in p
+
+    def test_evaluation_prompt_without_student_response_is_rejected(self):
+        [p] = problems_of({"evaluation_prompt": "Grade this: {question}"})
+        assert p.startswith("evaluation_prompt:") and "{student_response}" in p
+
+    def test_bad_choice_lists_the_choices(self):
+        [p] = problems_of({"teacher_backend": "grpc"})
+        assert "'grpc'" in p and "openai" in p and "local" in p
+
+    def test_every_problem_is_reported_at_once(self):
+        assert len(problems_of({"total_steps": 0, "top_k": -1, "bogus": 1})) == 3
+
+    def test_unknown_trl_field_suggests_the_nearest(self):
+        [p] = problems_of({"trl": {"loss_typ": "dr_grpo"}})
+        assert "trl.loss_typ" in p and "trl.loss_type" in p
+
+    def test_valid_trl_field_passes(self):
+        assert validate({"trl": {"loss_type": "dr_grpo"}}).trl == {"loss_type": "dr_grpo"}
+
+    def test_unknown_lora_key_is_named_with_its_section(self):
+        [p] = problems_of({"lora": {"rank": 8}})
+        assert p.startswith("lora.rank:")
+
+    def test_criteria_need_identifier_names_and_min_below_max(self):
+        probs = problems_of({"criteria": [{"name": "bad name", "weight": 1}, {"name": "x", "min": 5, "max": 1}]})
+        assert any("criteria[0].name" in p for p in probs) and any("criteria[1]" in p for p in probs)
+
+    def test_all_reward_weights_zero_is_rejected(self):
+        [p] = problems_of({"teacher_weight": 0, "verifier_answer_weight": 0, "verifier_format_weight": 0})
+        assert "nothing is rewarded" in p
+
+
+class TestOverrides:
+    def test_values_are_parsed_as_yaml(self):
+        out = apply_overrides({}, ["total_steps=2", "lora.enabled=true", "system_prompt=hello world"])
+        assert out == {"total_steps": 2, "lora": {"enabled": True}, "system_prompt": "hello world"}
+
+    def test_dotted_key_reaches_the_trl_section(self):
+        cfg = load_config(None, ["trl.loss_type=dr_grpo", "total_steps=3"])
+        assert cfg.trl["loss_type"] == "dr_grpo" and cfg.total_steps == 3
+
+    def test_missing_equals_sign_is_an_error(self):
+        with pytest.raises(ConfigError, match="KEY=VALUE"):
+            apply_overrides({}, ["total_steps"])
+
+
+class TestRedaction:
+    def test_credentials_in_the_base_url_are_redacted(self):
+        cfg = validate({"openai_base_url": "https://user:s3cr3t@example.test/v1"})
+        text = dump_yaml(cfg)
+        assert "s3cr3t" not in text and "example.test" in text
+
+
+class TestCli:
+    def run(self, *args, env=None):
+        return subprocess.run([sys.executable, "-m", "grpo_llm_eval.cli", *args], capture_output=True, text=True,
+                              timeout=120, env=env)
+
+    def test_dry_run_prints_the_resolved_config_and_exits_zero(self):
+        res = self.run("--dry-run", "--set", "total_steps=2")
+        assert res.returncode == 0, res.stderr
+        assert yaml.safe_load(res.stdout)["total_steps"] == 2
+
+    def test_example_config_dry_run_works_offline(self):
+        res = self.run("--config", str(ROOT / "configs/example.yaml"), "--dry-run")
+        assert res.returncode == 0, res.stderr
+        assert "mkurman/Qwen2.5-14B-DeepSeek-R1-1M" in res.stdout
+
+    def test_bad_config_exits_2_with_one_line_per_problem_and_no_traceback(self, tmp_path):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("num_return_sequences: 1\nlerning_rate: 0.1\n")
+        res = self.run("--config", str(bad), "--dry-run")
+        assert res.returncode == 2
+        lines = [line for line in res.stderr.splitlines() if line.startswith("config error:")]
+        assert len(lines) == 2 and "Traceback" not in res.stderr
+
+    def test_missing_config_file_is_a_clear_error(self, tmp_path):
+        res = self.run("--config", str(tmp_path / "nope.yaml"), "--dry-run")
+        assert res.returncode == 2 and "no such file" in res.stderr
+
+    def test_invalid_yaml_names_the_line(self, tmp_path):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("total_steps: 2\n  oops: [\n")
+        res = self.run("--config", str(bad), "--dry-run")
+        assert res.returncode == 2 and "invalid YAML at line" in res.stderr
+
+
+class TestReadmeTable:
+    def test_readme_configuration_table_matches_the_dataclasses(self):
+        text = (ROOT / "README.md").read_text()
+        block = text.split(START, 1)[1].split(END, 1)[0].strip()
+        assert block == config_table(), "README drifted: run `python -m grpo_llm_eval.config_doc README.md`"
