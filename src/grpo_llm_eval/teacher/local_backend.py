@@ -75,11 +75,14 @@ class LocalTeacher:
         cfg = self.cfg
         structured = cfg.teacher_structured_output
         kwargs: dict = dict(
-            messages=self.rubric.messages(req.question, req.response, req.ground_truth, json_mode=structured),
+            messages=self.rubric.messages(req.question, req.response, req.ground_truth, json_mode=structured,
+                                           compact=True),
             temperature=cfg.teacher_temperature, max_tokens=cfg.max_feedback_new_tokens, seed=cfg.seed,
         )
         if structured:
-            kwargs["response_format"] = {"type": "json_object", "schema": self.rubric.json_schema()}
+            # Compact grades with a short explanation: a 135M model rambles until max_tokens otherwise.
+            schema = self.rubric.json_schema(max_explanation_chars=60, compact=True)
+            kwargs["response_format"] = {"type": "json_object", "schema": schema}
         if cfg.teacher_logprob_scores:
             kwargs.update(logprobs=True, top_logprobs=20)
         start = time.perf_counter()

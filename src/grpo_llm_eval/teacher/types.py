@@ -50,7 +50,7 @@ class Judgement:
 
     @classmethod
     def failed(cls, status: str, criteria: list[str], error: str | None = None, raw: str | None = None,
-               latency_s: float = 0.0, attempts: int = 1) -> "Judgement":
+               latency_s: float = 0.0, attempts: int = 1) -> Judgement:
         return cls(scores={c: None for c in criteria}, feedback=None, raw=raw, status=status,
                    latency_s=latency_s, attempts=attempts, error=error)
 
