@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from grpo_llm_eval.teacher import BACKENDS
+
 SEED_EVALUATION_PROMPT = (
     "You are a teacher evaluating a student's answer. Evaluate the following student's response in two "
     "parts:\n1) Correctness of the thought process (rated from 1 to 10), and\n2) Correctness of the final "
@@ -51,7 +53,7 @@ class Config:
     # ---- models -------------------------------------------------------------------------------
     student_model_name: str = _f(BUNDLED_STUDENT, "Student: Hub id, local folder, or bundled:NAME.")
     teacher_model_name: str = _f(BUNDLED_STUDENT, "Teacher model: the served model name (openai) or a model (local).")
-    teacher_backend: str = _f("local", "Where the teacher runs.", choices=("openai", "local"))
+    teacher_backend: str = _f("local", "Where the teacher runs.", choices=BACKENDS)
     openai_base_url: str = _f("", "OpenAI-compatible base URL of the teacher; empty: the openai library's default. Key from OPENAI_API_KEY.")
     use_unsloth: bool = _f(False, "Load the student with unsloth (only where it imports and CUDA is there; else a warning).")
     load_in_4bit: bool = _f(False, "Load the student in 4 bit (only where bitsandbytes and CUDA are there; else a warning).")

@@ -1,0 +1,27 @@
+"""The teacher: one interface (`types.Teacher`), two backends (openai, local), a rubric and a cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# One registry of backends; config help and errors are built from its keys.
+BACKENDS = ("openai", "local")
+
+
+def build_teacher(cfg, rubric, cache_path: Path | None = None):
+    """The configured backend, wrapped in the persistent judgement cache when `cache_path` is given."""
+    if cfg.teacher_backend == "openai":
+        from grpo_llm_eval.teacher.openai_backend import OpenAITeacher
+
+        teacher = OpenAITeacher(cfg, rubric)
+    elif cfg.teacher_backend == "local":
+        from grpo_llm_eval.teacher.local_backend import LocalTeacher
+
+        teacher = LocalTeacher(cfg, rubric)
+    else:  # validated earlier; kept for library callers
+        raise ValueError(f"teacher_backend {cfg.teacher_backend!r}: use one of {', '.join(BACKENDS)}")
+    if cache_path is None or not cfg.teacher_cache:
+        return teacher
+    from grpo_llm_eval.teacher.cache import CachedTeacher, JudgementCache, flags_from_config
+
+    return CachedTeacher(teacher, JudgementCache(cache_path), cfg.teacher_model_name, rubric, flags_from_config(cfg))

@@ -81,7 +81,7 @@ class LocalTeacher:
         )
         if structured:
             # Compact grades with a short explanation: a 135M model rambles until max_tokens otherwise.
-            schema = self.rubric.json_schema(max_explanation_chars=60, compact=True)
+            schema = self.rubric.json_schema(max_explanation_chars=32, compact=True)
             kwargs["response_format"] = {"type": "json_object", "schema": schema}
         if cfg.teacher_logprob_scores:
             kwargs.update(logprobs=True, top_logprobs=20)

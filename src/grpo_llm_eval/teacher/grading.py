@@ -1,0 +1,53 @@
+"""Turn one OpenAI-format chat completion into a Judgement (shared by the openai and llama.cpp backends)."""
+
+from __future__ import annotations
+
+from grpo_llm_eval.teacher.types import Judgement
+
+# Parse statuses of Rubric.parse that are failures, with the short error each Judgement carries.
+_PARSE_ERRORS = {
+    "empty": "the teacher returned empty content",
+    "unparseable": "the teacher's output has no scores in the rubric's format",
+    "incomplete": "the teacher's output lacks scores for: {missing}",
+}
+
+
+def wrap_reasoning(content: str | None, reasoning: str | None, think_open: str, think_close: str) -> str | None:
+    """Feedback text: server-side reasoning kept inside think tags before the content, as the seed does.
+
+    >>> wrap_reasoning("Grade: 7", "hmm", "<think>", "</think>")
+    '<think>\\nhmm\\n</think>\\nGrade: 7'
+    """
+    if not reasoning or not reasoning.strip():
+        return content
+    return f"{think_open}\n{reasoning.strip()}\n{think_close}\n{(content or '').strip()}"
+
+
+def judgement_from_completion(rubric, content: str | None, reasoning: str | None,
+                              logprob_tokens: list[dict] | None, use_logprobs: bool,
+                              think_open: str, think_close: str, latency_s: float, attempts: int) -> Judgement:
+    """Grade text -> Judgement. Scores come from `content` only, never from `reasoning`.
+
+    With `use_logprobs` and tokens, each criterion takes the rubric's probability-weighted score where
+    the tokens yield one, else the parsed score; `extra["score_source"]` says which ("logprob",
+    "parsed", or None when neither). A parse status other than "ok" becomes the Judgement's status, so
+    the reward is masked rather than guessed.
+    """
+    parsed = rubric.parse(content)
+    scores: dict[str, float | None] = {name: parsed.scores.get(name) for name in rubric.names}
+    source: dict[str, str | None] = {name: ("parsed" if scores[name] is not None else None) for name in scores}
+    if use_logprobs and logprob_tokens and parsed.status in ("ok", "incomplete"):
+        weighted = rubric.logprob_scores(logprob_tokens)
+        for name in scores:
+            if weighted.get(name) is not None:
+                scores[name], source[name] = weighted[name], "logprob"
+    # Keep the rubric's feedback (it may be cleaned up), falling back to the raw text when it has none.
+    feedback = wrap_reasoning(parsed.feedback if parsed.feedback is not None else content,
+                              reasoning, think_open, think_close)
+    error = None
+    if parsed.status != "ok":
+        missing = ", ".join(n for n, v in scores.items() if v is None)
+        error = _PARSE_ERRORS.get(parsed.status, "the teacher's output could not be parsed").format(missing=missing)
+    status = parsed.status if parsed.status in _PARSE_ERRORS or parsed.status == "ok" else "unparseable"
+    return Judgement(scores=scores, feedback=feedback, raw=content, status=status, latency_s=latency_s,
+                     attempts=attempts, error=error, extra={"score_source": source})

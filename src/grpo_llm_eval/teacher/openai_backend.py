@@ -1,0 +1,317 @@
+"""Teacher backend for any OpenAI-compatible server (OpenAI, vLLM, ollama, llama.cpp, ...).
+
+Built on the official `openai.AsyncOpenAI` client with its own retries off (`max_retries=0`), because we
+retry ourselves: that lets us honour `Retry-After` on 429/503, count retries for metrics, and turn the
+final failure into a Judgement status instead of an exception. A completion that parses badly is NOT
+re-asked: at the usual temperature 0 the server would answer the same text again, and it costs money.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import os
+import random
+import re
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+
+import openai
+
+from grpo_llm_eval.teacher.grading import judgement_from_completion
+from grpo_llm_eval.teacher.types import Judgement, JudgeRequest, TeacherUnavailable
+
+logger = logging.getLogger(__name__)
+
+TOP_LOGPROBS = 20
+# Statuses worth another attempt; anything else (a 400, a 404 model) will fail the same way again.
+_RETRY_CODES = frozenset({408, 409, 429})
+_MAX_RETRY_AFTER_S = 120.0  # a server asking for longer is treated as this, so a run cannot stall for hours
+_BACKOFF_CAP_S = 30.0
+
+
+@dataclass
+class _LoopState:
+    client: openai.AsyncOpenAI
+    semaphore: asyncio.Semaphore
+    closer: object = None
+
+
+async def _close_at_loop_shutdown(client: openai.AsyncOpenAI):
+    """Closes `client` when its loop finalizes async generators (asyncio.run does, before closing).
+
+    A client left open past its loop is closed later by the openai library's __del__ in whatever loop
+    runs then, where its sockets do not belong, which logs "Event loop is closed" errors.
+    """
+    try:
+        yield
+    finally:
+        await client.close()
+
+
+def retry_after_seconds(headers) -> float | None:
+    """Seconds a response asks us to wait: `retry-after-ms`, or `Retry-After` as seconds or an HTTP date."""
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    try:
+        if ms is not None:
+            return max(0.0, float(ms) / 1000.0)
+    except ValueError:
+        pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _display_url(url: str) -> str:
+    """The URL without user:password@, safe for messages."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+class OpenAITeacher:
+    """Grades through an OpenAI-compatible chat completions endpoint; see the module doc.
+
+    `stats` holds counters for metrics: calls, attempts, retries, ok, failures by status, latency_s_total,
+    prompt_tokens, completion_tokens, fallbacks.
+    """
+
+    def __init__(self, cfg, rubric, backoff_base_s: float = 0.5):
+        self.cfg = cfg
+        self.rubric = rubric
+        self.model = cfg.teacher_model_name
+        self.max_retries = cfg.teacher_max_retries
+        # 0 means "no timeout", as config validation allows 0.
+        self.timeout_s = cfg.teacher_timeout_s if cfg.teacher_timeout_s > 0 else None
+        self.backoff_base_s = backoff_base_s
+        self.structured = cfg.teacher_structured_output
+        self.logprobs = cfg.teacher_logprob_scores
+        self._max_tokens_param = "max_tokens"
+        # Local servers ignore the key but the client insists on one; never log or store it elsewhere.
+        self._api_key = os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        self._base_url = cfg.openai_base_url or None
+        self._states: dict[asyncio.AbstractEventLoop, _LoopState] = {}
+        self._lock = threading.Lock()
+        self.stats = {"calls": 0, "attempts": 0, "retries": 0, "ok": 0, "failures": {}, "latency_s_total": 0.0,
+                      "prompt_tokens": 0, "completion_tokens": 0, "fallbacks": []}
+
+    # ---- per-event-loop client and concurrency cap ---------------------------------------------
+    async def _state(self) -> _LoopState:
+        """Client and semaphore of the running loop; asyncio objects must not cross loops."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            for old in [lp for lp in self._states if lp.is_closed()]:
+                del self._states[old]  # closed at that loop's shutdown (see _close_at_loop_shutdown)
+            state = self._states.get(loop)
+            created = state is None
+            if created:
+                client = openai.AsyncOpenAI(api_key=self._api_key, base_url=self._base_url,
+                                            timeout=self.timeout_s, max_retries=0)
+                state = self._states[loop] = _LoopState(client, asyncio.Semaphore(self.cfg.teacher_max_concurrency),
+                                                        _close_at_loop_shutdown(client))
+        if created:
+            await state.closer.__anext__()  # registers the generator with this loop
+        return state
+
+    @property
+    def url(self) -> str:
+        """The server's base URL as shown in messages (credentials stripped)."""
+        base = self._base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        return _display_url(base)
+
+    def _redact(self, text: str, limit: int = 300) -> str:
+        """Short error text that cannot carry the API key or a bearer token."""
+        if self._api_key and self._api_key != "EMPTY":
+            text = text.replace(self._api_key, "***")
+        text = re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text)
+        text = re.sub(r"\bsk-[A-Za-z0-9_\-]{8,}", "sk-***", text)
+        return text if len(text) <= limit else text[: limit - 3] + "..."
+
+    def _bump(self, key: str, by: float = 1) -> None:
+        with self._lock:  # judge() may run on loops in several threads
+            self.stats[key] += by
+
+    # ---- public API ------------------------------------------------------------------------------
+    async def judge(self, requests: list[JudgeRequest]) -> list[Judgement]:
+        """Grade all requests concurrently (at most teacher_max_concurrency in flight); results in order.
+
+        Never raises for a failed request: it comes back as a Judgement with a failure status.
+        """
+        state = await self._state()
+        return list(await asyncio.gather(*(self._judge_one(state, r) for r in requests)))
+
+    async def health_check(self) -> None:
+        """Fail fast with TeacherUnavailable if the server is unreachable or does not serve the model."""
+        state = await self._state()
+        timeout = min(10.0, self.timeout_s or 10.0)
+        try:
+            page = await state.client.models.list(timeout=timeout)
+        except openai.NotFoundError:
+            logger.warning("the teacher at %s has no /models endpoint; cannot check that it serves %r",
+                           self.url, self.model)
+            return
+        except openai.APIConnectionError as exc:
+            raise TeacherUnavailable(f"cannot reach the teacher at {self.url}: {self._redact(str(exc))}; "
+                                     "start the server or fix openai_base_url") from None
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+            raise TeacherUnavailable(f"the teacher at {self.url} refused the API key (HTTP {exc.status_code}); "
+                                     "set OPENAI_API_KEY") from None
+        except openai.APIStatusError as exc:
+            raise TeacherUnavailable(f"the teacher at {self.url} answered HTTP {exc.status_code} to GET /models: "
+                                     f"{self._redact(str(exc))}") from None
+        served = [m.id for m in page.data]
+        if self.model not in served:
+            raise TeacherUnavailable(f"the server at {self.url} does not serve {self.model!r}; it serves: "
+                                     f"{', '.join(served) or '(nothing)'}; set teacher_model_name to one of them")
+
+    async def aclose(self) -> None:
+        """Close the client of the running loop and forget the others (their loops own their sockets)."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            states, self._states = self._states, {}
+        if loop in states:
+            await states[loop].closer.aclose()  # runs its finally: closes the client
+
+    # ---- one request -----------------------------------------------------------------------------
+    async def _judge_one(self, state: _LoopState, req: JudgeRequest) -> Judgement:
+        start, attempts, retries = time.monotonic(), 0, 0
+        self._bump("calls")
+        while True:
+            structured, logprobs = self.structured, self.logprobs
+            attempts += 1
+            self._bump("attempts")
+            try:
+                async with state.semaphore:
+                    completion = await self._create(state.client, req, structured, logprobs)
+                return self._finish(completion, logprobs, start, attempts)
+            except Exception as exc:  # every failure becomes a status; CancelledError still propagates
+                if self._fall_back(exc, structured, logprobs):
+                    continue  # a refused option is not the server's fault: retry plainly, free of charge
+                status, retryable, wait = self._classify(exc)
+                if retryable and retries < self.max_retries:
+                    retries += 1
+                    self._bump("retries")
+                    delay = self._delay(retries, wait)
+                    logger.debug("teacher call failed (%s: %s); retry %d/%d in %.2fs", status,
+                                 self._redact(str(exc), 120), retries, self.max_retries, delay)
+                    await asyncio.sleep(delay)  # outside the semaphore, so other calls proceed
+                    continue
+                return self._failed(status, exc, start, attempts)
+
+    async def _create(self, client: openai.AsyncOpenAI, req: JudgeRequest, structured: bool, logprobs: bool):
+        kwargs = {"model": self.model, "temperature": self.cfg.teacher_temperature,
+                  "messages": self.rubric.messages(req.question, req.response, req.ground_truth, json_mode=structured),
+                  self._max_tokens_param: self.cfg.max_feedback_new_tokens}
+        if structured:
+            kwargs["response_format"] = self.rubric.response_format()
+        if logprobs:
+            kwargs.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
+        call = client.chat.completions.create(**kwargs)
+        if self.timeout_s is None:
+            return await call
+        # httpx's timeout is per read; a server trickling bytes would never trip it, so also bound the whole call.
+        return await asyncio.wait_for(call, self.timeout_s + 1.0)
+
+    def _finish(self, completion, logprobs: bool, start: float, attempts: int) -> Judgement:
+        latency = time.monotonic() - start
+        usage = getattr(completion, "usage", None)
+        if usage is not None:
+            self._bump("prompt_tokens", usage.prompt_tokens or 0)
+            self._bump("completion_tokens", usage.completion_tokens or 0)
+        if not completion.choices:
+            return self._record(Judgement.failed("empty", self.rubric.names, "the teacher returned no choices",
+                                                 latency_s=latency, attempts=attempts))
+        choice = completion.choices[0]
+        message = choice.message
+        reasoning = getattr(message, "reasoning_content", None) or getattr(message, "reasoning", None)
+        tokens = None
+        if logprobs and choice.logprobs is not None and choice.logprobs.content:
+            tokens = [t.model_dump() for t in choice.logprobs.content]
+        judgement = judgement_from_completion(
+            self.rubric, message.content, reasoning if isinstance(reasoning, str) else None, tokens, logprobs,
+            self.cfg.think_open_string, self.cfg.think_close_string, latency, attempts)
+        judgement.extra["finish_reason"] = choice.finish_reason
+        return self._record(judgement)
+
+    def _failed(self, status: str, exc: Exception, start: float, attempts: int) -> Judgement:
+        error = self._redact(f"{type(exc).__name__}: {exc}")
+        if status == "error":  # not a transport failure: likely a bug, so say so loudly (without a traceback,
+            logger.warning("unexpected error while grading: %s", error)  # whose text we cannot redact)
+        return self._record(Judgement.failed(status, self.rubric.names, error,
+                                             latency_s=time.monotonic() - start, attempts=attempts))
+
+    def _record(self, judgement: Judgement) -> Judgement:
+        with self._lock:
+            self.stats["latency_s_total"] += judgement.latency_s
+            if judgement.ok:
+                self.stats["ok"] += 1
+            else:
+                failures = self.stats["failures"]
+                failures[judgement.status] = failures.get(judgement.status, 0) + 1
+        return judgement
+
+    # ---- failure handling ------------------------------------------------------------------------
+    def _classify(self, exc: Exception) -> tuple[str, bool, float | None]:
+        """(status, retryable, server-requested wait in seconds)."""
+        if isinstance(exc, (openai.APITimeoutError, asyncio.TimeoutError, TimeoutError)):
+            return "timeout", True, None
+        if isinstance(exc, openai.APIConnectionError):
+            return "connection_error", True, None
+        if isinstance(exc, openai.APIStatusError):
+            code = exc.status_code
+            wait = retry_after_seconds(exc.response.headers) if code in (429, 503) else None
+            status = "rate_limited" if code == 429 else "http_error"
+            return status, code in _RETRY_CODES or code >= 500, wait
+        return "error", False, None
+
+    def _delay(self, retry: int, wait: float | None) -> float:
+        if wait is not None:
+            # Never earlier than asked; a little jitter on top so a crowd of callers does not return at once.
+            wait = min(wait, _MAX_RETRY_AFTER_S)
+            return wait + random.uniform(0.0, 0.1 * wait + 0.05)
+        backoff = min(_BACKOFF_CAP_S, self.backoff_base_s * 2 ** (retry - 1))
+        return backoff * random.uniform(0.5, 1.0)
+
+    def _fall_back(self, exc: Exception, structured: bool, logprobs: bool) -> bool:
+        """Switch off an option the server refused (400/422 naming it); True when the call should be re-sent."""
+        if not isinstance(exc, (openai.BadRequestError, openai.UnprocessableEntityError)):
+            return False
+        text = str(exc).lower()
+        if "max_completion_tokens" in text and self._max_tokens_param == "max_tokens":
+            # Newer OpenAI models reject max_tokens and name its replacement.
+            logger.info("the teacher at %s wants max_completion_tokens instead of max_tokens; switching", self.url)
+            with self._lock:
+                self._max_tokens_param = "max_completion_tokens"
+            return True
+        if logprobs and "logprob" in text:
+            return self._switch_off("logprobs", "logprob scores (top_logprobs)", exc)
+        if structured and any(w in text for w in ("response_format", "json_schema", "json_object", "structured",
+                                                  "guided", "not supported", "unsupported")):
+            return self._switch_off("structured", "structured output (response_format)", exc)
+        return False
+
+    def _switch_off(self, attr: str, what: str, exc: Exception) -> bool:
+        with self._lock:
+            first = getattr(self, attr)
+            setattr(self, attr, False)
+            if first:
+                self.stats["fallbacks"].append(attr)
+        if first:  # one warning per run, however many calls were refused at the same moment
+            logger.warning("the teacher at %s refused %s (%s); continuing without it for the rest of the run",
+                           self.url, what, self._redact(str(exc), 160))
+        return True
