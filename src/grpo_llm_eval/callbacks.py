@@ -67,3 +67,43 @@ class ProgressLines(TrainerCallback):
             if isinstance(value, (int, float)) and math.isfinite(value):
                 parts.append(f"{label}={value:.4g}")
         logger.info(" ".join(parts))
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGINT/SIGTERM: finish the current step, save a checkpoint, stop. A second signal interrupts at once."""
+
+    def __init__(self):
+        self.signal_number: int | None = None
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.signal_number is not None:  # asked twice: stop now
+            self.uninstall()
+            signal.raise_signal(signum)
+            return
+        self.signal_number = signum
+        logger.warning("Received %s: stopping after this step with a checkpoint (send it again to stop at once).",
+                       signal.Signals(signum).name)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signal_number is not None:
+            control.should_save = True
+            control.should_training_stop = True

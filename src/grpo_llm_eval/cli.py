@@ -32,6 +32,22 @@ def build_parser() -> argparse.ArgumentParser:
     _common(judge)
     judge.add_argument("--input", required=True, help="JSONL with question, response (or completion), answer")
     judge.add_argument("--output", required=True, help="JSONL to write, one graded row per input row")
+    evaluate = sub.add_parser("evaluate", help="generate with models on held-out prompts; grade; compare")
+    _common(evaluate)
+    evaluate.add_argument("--model", dest="models", action="append", required=True, metavar="M",
+                          help="Hub id, folder, checkpoint-N folder, bundled:NAME or run:DIR; repeat to compare "
+                               "(each against the first)")
+    evaluate.add_argument("--split", help="dataset split (default: the config's eval_split)")
+    evaluate.add_argument("--limit", type=int, default=0, help="first N prompts only (0: all)")
+    evaluate.add_argument("--samples", type=int, default=1, help="responses per prompt (1: greedy, else sampled)")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    evaluate.add_argument("--output", required=True, help="folder for eval_rollouts.jsonl and eval_summary.json")
+    report = sub.add_parser("report", help="write a self-contained HTML report of a run")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
+    report.add_argument("--output", help="HTML file to write (default: RUN_DIR/report.html)")
+    report.add_argument("--eval", dest="eval_dir", help="folder (or file) with eval_summary.json to include")
+    report.add_argument("--max-rows", type=int, default=2000, help="rollouts shown in the table: the last N")
+    report.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
     return parser
 
 
@@ -43,22 +59,38 @@ def _setup_logging(debug: bool) -> None:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from grpo_llm_eval.checkpoints import ResumeError
     from grpo_llm_eval.data import DataError
     from grpo_llm_eval.models import ModelError
     from grpo_llm_eval.run_dir import RunDirError
     from grpo_llm_eval.teacher.types import TeacherUnavailable
+    from grpo_llm_eval.train import TrainingAborted
 
-    return DataError, ModelError, RunDirError, TeacherUnavailable
+    return DataError, ModelError, RunDirError, TeacherUnavailable, ResumeError, TrainingAborted
+
+
+def _resume_config(args):
+    """With --resume: the run to continue, and its own config.yaml unless --config is given."""
+    from grpo_llm_eval.checkpoints import find_resume
+
+    base = load_config(args.config, args.overrides)
+    run, checkpoint = find_resume(base.output_dir, base.run_name, args.resume)
+    source = args.config or str(run / "config.yaml")
+    pinned = [f"output_dir={run.parent}", f"run_name={run.name}"]
+    return load_config(source, list(args.overrides) + pinned), checkpoint
 
 
 def run_train(args) -> int:
-    cfg = load_config(args.config, args.overrides)
+    if args.resume:
+        cfg, checkpoint = _resume_config(args)
+    else:
+        cfg, checkpoint = load_config(args.config, args.overrides), None
     if args.dry_run:
         sys.stdout.write(dump_yaml(cfg))
         return 0
     from grpo_llm_eval.train import train
 
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=checkpoint)
     logger.info("Done: %d steps. Run folder: %s (final model: %s)", result.global_step, result.run_dir, result.final_dir)
     return 0
 
@@ -72,13 +104,32 @@ def run_judge(args) -> int:
     return 0
 
 
+def run_evaluate(args) -> int:
+    from grpo_llm_eval.evaluate import evaluate, format_table
+
+    cfg = load_config(args.config, args.overrides)
+    summary = evaluate(cfg, args.models, args.output, split=args.split, limit=args.limit, samples=args.samples,
+                       batch_size=args.batch_size)
+    sys.stdout.write(format_table(summary) + "\n")
+    logger.info("Wrote %s/eval_rollouts.jsonl and %s/eval_summary.json", args.output, args.output)
+    return 0
+
+
+def run_report(args) -> int:
+    from grpo_llm_eval.report import build_report
+
+    path = build_report(args.run_dir, output=args.output, eval_dir=args.eval_dir, max_rows=args.max_rows)
+    logger.info("Report: %s", path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
         argv = ["train", *argv]  # train is the default command
     args = build_parser().parse_args(argv)
     _setup_logging(args.debug)
-    handlers = {"train": run_train, "judge": run_judge}
+    handlers = {"train": run_train, "judge": run_judge, "evaluate": run_evaluate, "report": run_report}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:
@@ -89,14 +140,17 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
+        from grpo_llm_eval.train import TrainingInterrupted
+
+        if isinstance(exc, TrainingInterrupted):
+            print(str(exc), file=sys.stderr)
+            return exc.exit_code
         if args.debug:
             raise
-        known = _known_errors()
-        from grpo_llm_eval.train import TrainingAborted
-
-        kind = "error" if isinstance(exc, known + (TrainingAborted,)) else f"error ({type(exc).__name__})"
-        print(f"{kind}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}", file=sys.stderr)
-        if not isinstance(exc, known + (TrainingAborted,)):
+        known = isinstance(exc, _known_errors())
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"{'error' if known else f'error ({type(exc).__name__})'}: {text}", file=sys.stderr)
+        if not known:
             print("run again with --debug for the full traceback", file=sys.stderr)
         return 1
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,14 @@ logger = logging.getLogger(__name__)
 
 class TrainingAborted(Exception):
     """Training stopped on purpose (e.g. every grade failed for too long); a checkpoint was written."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped training after a checkpoint; `exit_code` is 130 or 143."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -85,17 +94,24 @@ def _filter_long_prompts(dataset, tokenizer, cfg):
     return kept
 
 
-def train(cfg, resume: str | bool | None = None) -> TrainResult:
-    """Run GRPO training as configured; returns where the run lives."""
+def train(cfg, resume: str | Path | None = None) -> TrainResult:
+    """Run GRPO training as configured; returns where the run lives. RESUME: a checkpoint folder to continue."""
+    import signal
+
     from accelerate import PartialState
 
-    from grpo_llm_eval.callbacks import FailedGradesGuard, ProgressLines, RecordsCallback
+    from grpo_llm_eval import checkpoints
+    from grpo_llm_eval.callbacks import FailedGradesGuard, ProgressLines, RecordsCallback, StopOnSignal
     from grpo_llm_eval.records import RolloutRecorder
     from grpo_llm_eval.rewards import TeacherRubricReward
     from grpo_llm_eval.trainer import TeacherGRPOTrainer
 
     state = PartialState()
     out = run_dir.prepare(cfg, resume=bool(resume)) if state.is_main_process else run_dir.run_dir_for(cfg)
+    if state.is_main_process:
+        shutil.rmtree(out / checkpoints.STAGING, ignore_errors=True)  # a save cut short by a crash
+        if resume:
+            checkpoints.truncate_records(out, checkpoints.step_of(Path(resume)))
     state.wait_for_everyone()
     loaded = data_mod.load_rows(cfg, cfg.dataset_split)
     dataset = data_mod.build_prompts(loaded.dataset, cfg)
@@ -116,18 +132,31 @@ def train(cfg, resume: str | bool | None = None) -> TrainResult:
         run_cfg=cfg, recorder=recorder, reward=reward,
     )
     guard = FailedGradesGuard(trainer, cfg.max_consecutive_failed_steps)
+    stopper = StopOnSignal()
     trainer.add_callback(RecordsCallback(recorder, out, state.is_main_process))
     trainer.add_callback(guard)
+    trainer.add_callback(stopper)
     if args.disable_tqdm:
         trainer.add_callback(ProgressLines())
+    if resume:
+        trainer.restore_state(resume)
+        logger.info("Resuming %s from %s", out, resume)
+    stopper.install()
     try:
-        trainer.train(resume_from_checkpoint=resume or None)
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finally:
+        stopper.uninstall()
         recorder.close()
         if teacher is not None:
             trainer_loop = getattr(trainer, "async_loop", None)
             if trainer_loop is not None and trainer_loop.is_running():
                 asyncio.run_coroutine_threadsafe(teacher.aclose(), trainer_loop).result(timeout=30)
+    if stopper.signal_number is not None:
+        name = signal.Signals(stopper.signal_number).name
+        ckpt = out / f"checkpoint-{trainer.state.global_step}"
+        raise TrainingInterrupted(
+            f"stopped by {name} at step {trainer.state.global_step} with a checkpoint in {ckpt}; resume with: "
+            f"grpo_llm_eval --resume {ckpt}", 128 + stopper.signal_number)
     if guard.tripped:
         raise TrainingAborted(
             f"every grade failed for {cfg.max_consecutive_failed_steps} steps in a row; stopped at step "

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
-from grpo_llm_eval import sft
+from grpo_llm_eval import checkpoints, sft
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class TeacherGRPOTrainer(GRPOTrainer):
         self.sft_chunks: list[list[tuple[list[int], list[int]]]] = []
         self.all_grades_failed = False
         self.consecutive_failed = 0
+        self._staging: str | None = None
 
     def _metric(self, name: str, value: float) -> None:
         # TRL averages self._metrics["train"][name] over the logging window (the same store log_metric feeds).
@@ -99,3 +101,30 @@ class TeacherGRPOTrainer(GRPOTrainer):
         self._metric("sft_tokens", n_tokens)
         # TRL's policy loss is already divided by the accumulation steps; scale the SFT term the same way.
         return loss + cfg.sft_beta * s_loss / self.current_gradient_accumulation_steps
+
+    # ---- atomic checkpoints -------------------------------------------------------------------------
+
+    def _get_output_dir(self, trial):
+        # While a checkpoint is being written, Trainer writes it under the staging folder.
+        return self._staging if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        run = Path(super()._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        staging = run / checkpoints.STAGING
+        self._staging = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            checkpoints.write_state(staging / name, {"global_step": self.state.global_step,
+                                                      "consecutive_failed": self.consecutive_failed})
+            checkpoints.publish(staging / name, run / name)
+            checkpoints.rotate(run, self.args.save_total_limit or 0)
+        self.accelerator.wait_for_everyone()
+
+    def restore_state(self, checkpoint: str | Path) -> None:
+        """Our counters from a checkpoint (the Trainer restores weights, optimizer, scheduler, RNG, data)."""
+        self.consecutive_failed = int(checkpoints.read_state(Path(checkpoint)).get("consecutive_failed", 0))
