@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import shutil
 import sys
@@ -107,6 +108,10 @@ def train(cfg, resume: str | Path | None = None) -> TrainResult:
     from grpo_llm_eval.trainer import TeacherGRPOTrainer
 
     state = PartialState()
+    if not cfg.run_name:  # one timestamp for every process, or each would name its own folder
+        from accelerate.utils import broadcast_object_list
+
+        cfg = dataclasses.replace(cfg, run_name=broadcast_object_list([run_dir.run_dir_for(cfg).name])[0])
     out = run_dir.prepare(cfg, resume=bool(resume)) if state.is_main_process else run_dir.run_dir_for(cfg)
     if state.is_main_process:
         shutil.rmtree(out / checkpoints.STAGING, ignore_errors=True)  # a save cut short by a crash
