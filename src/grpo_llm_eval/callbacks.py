@@ -54,19 +54,53 @@ class FailedGradesGuard(TrainerCallback):
             control.should_training_stop = True
 
 
+PROGRESS_KEYS = (("loss", "loss"), ("reward", "reward"), ("judge/failure_rate", "judge_fail"),
+                 ("step_time", "step_s"))
+
+
+def _progress_fields(logs: dict) -> dict[str, str]:
+    out = {}
+    for key, label in PROGRESS_KEYS:
+        value = logs.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out[label] = f"{value:.4g}"
+    return out
+
+
 class ProgressLines(TrainerCallback):
     """One plain log line per logged step, for when output is not a terminal (no progress bar there)."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:
             return
-        parts = [f"step {state.global_step}/{state.max_steps}"]
-        for key, label in (("loss", "loss"), ("reward", "reward"), ("judge/failure_rate", "judge_fail"),
-                           ("step_time", "step_time_s")):
-            value = logs.get(key)
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                parts.append(f"{label}={value:.4g}")
-        logger.info(" ".join(parts))
+        fields = " ".join(f"{k}={v}" for k, v in _progress_fields(logs).items())
+        logger.info("step %d/%d %s", state.global_step, state.max_steps, fields)
+
+
+class ProgressBar(TrainerCallback):
+    """A terminal progress bar showing step, loss, reward and step time (replaces Trainer's dict printing)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs:
+            self.bar.set_postfix(_progress_fields(logs), refresh=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class StopOnSignal(TrainerCallback):

@@ -78,7 +78,7 @@ class TeacherRubricReward:
 
     def _score(self, judgement: Judgement | None, text: str, truth: str | None) -> dict:
         cfg = self.cfg
-        right = answer_correct(text, truth, cfg.think_close_string) if (cfg.verifier_answer_weight or cfg.verifier_veto or truth) else None
+        right = answer_correct(text, truth, cfg.think_close_string)  # None without a ground truth
         fmt = format_correct(text, cfg.think_open_string, cfg.think_close_string)
         row = {"answer_correct": right, "format_correct": fmt, "teacher_reward": None, "reward": None}
         total = 0.0

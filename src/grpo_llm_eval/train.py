@@ -100,9 +100,10 @@ def train(cfg, resume: str | Path | None = None) -> TrainResult:
     import signal
 
     from accelerate import PartialState
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from grpo_llm_eval import checkpoints
-    from grpo_llm_eval.callbacks import FailedGradesGuard, ProgressLines, RecordsCallback, StopOnSignal
+    from grpo_llm_eval.callbacks import FailedGradesGuard, ProgressBar, ProgressLines, RecordsCallback, StopOnSignal
     from grpo_llm_eval.records import RolloutRecorder
     from grpo_llm_eval.rewards import TeacherRubricReward
     from grpo_llm_eval.trainer import TeacherGRPOTrainer
@@ -141,8 +142,10 @@ def train(cfg, resume: str | Path | None = None) -> TrainResult:
     trainer.add_callback(RecordsCallback(recorder, out, state.is_main_process))
     trainer.add_callback(guard)
     trainer.add_callback(stopper)
-    if args.disable_tqdm:
-        trainer.add_callback(ProgressLines())
+    # Our own progress display (a bar on a terminal, plain lines otherwise) instead of Trainer's dict printing.
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(ProgressLines() if args.disable_tqdm else ProgressBar())
     if resume:
         trainer.restore_state(resume)
         logger.info("Resuming %s from %s", out, resume)
