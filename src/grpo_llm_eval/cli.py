@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from grpo_llm_eval.config_load import ConfigError, dump_yaml, load_config
 
@@ -54,8 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "httpcore", "openai", "urllib3", "filelock", "datasets", "matplotlib"):
+    for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "openai", "urllib3", "filelock", "datasets",
+                  "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+    if not debug:
+        # Deprecation notices from the libraries (TRL passes transformers' renamed arguments) are not the
+        # user's to act on; --debug shows them.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
