@@ -11,6 +11,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread: on a shared 2-core machine two torch threads made tiny steps several times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 CACHE_DIR = os.environ.get("GRPO_TEST_CACHE", str(Path.home() / ".cache" / "grpo_llm_eval"))
 

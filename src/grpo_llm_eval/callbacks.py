@@ -1,9 +1,13 @@
-"""Trainer callbacks: write records and metrics when a step ends, stop on failed grades, plain progress lines."""
+"""Trainer callbacks: write records and metrics when a step ends, stop on failed grades, plain progress lines,
+and per-process weight digests for multi-process checks."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -71,7 +75,7 @@ class ProgressLines(TrainerCallback):
     """One plain log line per logged step, for when output is not a terminal (no progress bar there)."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "loss" not in logs:
+        if not logs or "loss" not in logs or not state.is_world_process_zero:  # one line per step, not per process
             return
         fields = " ".join(f"{k}={v}" for k, v in _progress_fields(logs).items())
         logger.info("step %d/%d %s", state.global_step, state.max_steps, fields)
@@ -141,3 +145,45 @@ class StopOnSignal(TrainerCallback):
         if self.signal_number is not None:
             control.should_save = True
             control.should_training_stop = True
+
+
+DUMP_WEIGHTS_ENV = "GRPO_LLM_EVAL_DUMP_WEIGHTS_DIR"
+
+
+def weights_digest(model) -> str:
+    """sha256 over every parameter's name and float32 bytes, in name order: equal exactly when the weights are."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        digest.update(name.encode())
+        digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class WeightDigestCallback(TrainerCallback):
+    """Each process writes its own weights' digest when training begins and ends, to DIR/rank-<i>.json.
+
+    A check for data-parallel runs (tests/test_multiprocess.py): every process must start and end with the
+    same weights. Checkpoints cannot show that, as only the main process writes them. Off unless the
+    environment variable GRPO_LLM_EVAL_DUMP_WEIGHTS_DIR names a folder (see `from_env`). Needs whole
+    parameters on each process (one process, DDP, DeepSpeed ZeRO-1/2), not sharded ones (ZeRO-3, FSDP).
+    """
+
+    def __init__(self, out_dir: str | Path, process_index: int):
+        self.path = Path(out_dir) / f"rank-{process_index}.json"
+        self.begin: str | None = None
+
+    @classmethod
+    def from_env(cls, process_index: int) -> WeightDigestCallback | None:
+        """The callback when GRPO_LLM_EVAL_DUMP_WEIGHTS_DIR is set, else None."""
+        out_dir = os.environ.get(DUMP_WEIGHTS_ENV)
+        return cls(out_dir, process_index) if out_dir else None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.begin = weights_digest(model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"begin": self.begin, "end": weights_digest(model), "global_step": state.global_step}
+        self.path.write_text(json.dumps(payload), encoding="utf-8")

@@ -117,5 +117,7 @@ class Config:
     sft_recheck_prompt: str = _f("Let's recheck the previous answer", "User turn before the teacher's feedback in SFT examples.")
     # ---- robustness ---------------------------------------------------------------------------
     max_consecutive_failed_steps: int = _f(5, "Stop (with a checkpoint) after this many steps whose grades all failed.", min=1)
+    eval_steps: int = _f(0, "Every this many steps, grade greedy answers to held-out prompts; logs eval/* metrics (0: off).", min=0)
+    eval_limit: int = _f(32, "Held-out prompts (the first N of eval_split) graded at each eval_steps evaluation.", min=1)
     # ---- pass-through -------------------------------------------------------------------------
     trl: dict = _f({}, "Any trl.GRPOConfig field, e.g. {loss_type: dr_grpo}; wins over mapped keys.")

@@ -241,7 +241,9 @@ def _parse_json(text: str, path: Path) -> list[dict]:
             raise DataError(f"dataset file {str(path)!r}: expected a list of objects with named fields.")
         return data
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
+    # Rows end at "\n" only: str.splitlines() would also cut at "\r", "\x85" or "\u2028", which JSON allows raw
+    # inside strings, and so split one valid row into two invalid ones.
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

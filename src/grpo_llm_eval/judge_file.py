@@ -35,10 +35,10 @@ def judge_file(cfg, input_path: str, output_path: str, batch_size: int = 64) -> 
     tmp = out.with_name(out.name + ".partial")
     tmp.unlink(missing_ok=True)
     writer = JsonlWriter(tmp)
-    ok = 0
+    ok = written = 0
 
     async def run() -> None:
-        nonlocal ok
+        nonlocal ok, written
         teacher = build_teacher(cfg, rubric, cache_path=None)
         try:
             await teacher.health_check()
@@ -65,13 +65,20 @@ def judge_file(cfg, input_path: str, output_path: str, batch_size: int = 64) -> 
                                    "judge_latency_s": j.latency_s, "judge_attempts": j.attempts})
                 writer.write_many(graded)
                 writer.sync()
+                written += len(graded)
                 logger.info("graded %d/%d", min(start + batch_size, len(rows)), len(rows))
         finally:
             await teacher.aclose()
 
     try:
         asyncio.run(run())
-    finally:
+    except BaseException:
         writer.close()
+        if written:  # keep what was graded, for a look or to grade only the rest
+            logger.warning("grading stopped after %d of %d rows; those are in %s", written, len(rows), tmp)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+    writer.close()
     tmp.replace(out)
     return {"rows": len(rows), "ok": ok}

@@ -61,13 +61,14 @@ def read_jsonl(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.exists():
         return rows
-    with open(p, encoding="utf-8", errors="replace") as fh:
+    # newline="\n": a row ends at "\n" only, not at a raw "\r" that JSON allows inside a string.
+    with open(p, encoding="utf-8", errors="replace", newline="\n") as fh:
         for number, line in enumerate(fh, 1):
             line = line.strip()
             if not line:
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append(json.loads(line, strict=False))  # raw control characters in strings are fine
             except json.JSONDecodeError:
                 logger.warning("%s: skipping unreadable line %d (torn write?)", p, number)
     return rows

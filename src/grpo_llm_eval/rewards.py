@@ -117,6 +117,8 @@ class TeacherRubricReward:
                 out[f"judge/status_{status}"] = statuses[status] / len(graded)
         live = [j for j in graded if not j.cached]
         out["judge/cache_hit_rate"] = 1 - len(live) / len(graded)
+        out["judge/failures"] = float(sum(not j.ok for j in graded))
+        out["judge/retries"] = float(sum(max(0, j.attempts - 1) for j in live))
         if live:
             out["judge/latency_mean_s"] = statistics.fmean(j.latency_s for j in live)
         out["judge/wall_s"] = self.last_judge_wall_s

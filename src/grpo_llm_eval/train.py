@@ -99,16 +99,27 @@ def train(cfg, resume: str | Path | None = None) -> TrainResult:
     """Run GRPO training as configured; returns where the run lives. RESUME: a checkpoint folder to continue."""
     import signal
 
+    import torch
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from grpo_llm_eval import checkpoints
-    from grpo_llm_eval.callbacks import FailedGradesGuard, ProgressBar, ProgressLines, RecordsCallback, StopOnSignal
+    from grpo_llm_eval.callbacks import (
+        FailedGradesGuard,
+        ProgressBar,
+        ProgressLines,
+        RecordsCallback,
+        StopOnSignal,
+        WeightDigestCallback,
+    )
     from grpo_llm_eval.records import RolloutRecorder
     from grpo_llm_eval.rewards import TeacherRubricReward
     from grpo_llm_eval.trainer import TeacherGRPOTrainer
 
-    state = PartialState()
+    # cpu= as TrainingArguments decides it later: without it, processes launched on CPUs would not join one
+    # group, and each would take itself for the main process.
+    state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
     if not cfg.run_name:  # one timestamp for every process, or each would name its own folder
         from accelerate.utils import broadcast_object_list
 
@@ -141,11 +152,18 @@ def train(cfg, resume: str | Path | None = None) -> TrainResult:
     stopper = StopOnSignal()
     trainer.add_callback(RecordsCallback(recorder, out, state.is_main_process))
     trainer.add_callback(guard)
+    if cfg.eval_steps > 0:
+        from grpo_llm_eval.eval_callback import EvalCallback
+
+        trainer.add_callback(EvalCallback(trainer, cfg, rubric, teacher))
     trainer.add_callback(stopper)
     # Our own progress display (a bar on a terminal, plain lines otherwise) instead of Trainer's dict printing.
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(ProgressLines() if args.disable_tqdm else ProgressBar())
+    digests = WeightDigestCallback.from_env(state.process_index)
+    if digests is not None:  # GRPO_LLM_EVAL_DUMP_WEIGHTS_DIR: a test checks every process ends with the same weights
+        trainer.add_callback(digests)
     if resume:
         trainer.restore_state(resume)
         logger.info("Resuming %s from %s", out, resume)

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
+from grpo_llm_eval.teacher.parse import MAX_PARSE_CHARS
 from grpo_llm_eval.teacher.types import Judgement
+
+logger = logging.getLogger(__name__)
+# A grade longer than this is cut to its tail before it is parsed, stored or recorded. The parser reads only
+# the last MAX_PARSE_CHARS anyway, so grades read the same; what is bounded is what a misbehaving server's
+# megabytes cost in memory, in rollouts.jsonl and in the SFT examples built from feedback.
+MAX_CONTENT_CHARS = MAX_PARSE_CHARS
 
 # Parse statuses of Rubric.parse that are failures, with the short error each Judgement carries.
 _PARSE_ERRORS = {
@@ -31,8 +40,17 @@ def judgement_from_completion(rubric, content: str | None, reasoning: str | None
     With `use_logprobs` and tokens, each criterion takes the rubric's probability-weighted score where
     the tokens yield one, else the parsed score; `extra["score_source"]` says which ("logprob",
     "parsed", or None when neither). A parse status other than "ok" becomes the Judgement's status, so
-    the reward is masked rather than guessed.
+    the reward is masked rather than guessed. Content and reasoning over `MAX_CONTENT_CHARS` keep their
+    tail (`extra["cut_chars"]` says how much was dropped).
     """
+    cut = 0
+    if content is not None and len(content) > MAX_CONTENT_CHARS:
+        cut = len(content) - MAX_CONTENT_CHARS
+        content = content[-MAX_CONTENT_CHARS:]
+        logger.warning("a teacher grade of %d characters was cut to its last %d", cut + MAX_CONTENT_CHARS,
+                       MAX_CONTENT_CHARS)
+    if reasoning is not None and len(reasoning) > MAX_CONTENT_CHARS:
+        reasoning = reasoning[-MAX_CONTENT_CHARS:]
     parsed = rubric.parse(content)
     scores: dict[str, float | None] = {name: parsed.scores.get(name) for name in rubric.names}
     source: dict[str, str | None] = {name: ("parsed" if scores[name] is not None else None) for name in scores}
@@ -49,5 +67,8 @@ def judgement_from_completion(rubric, content: str | None, reasoning: str | None
         missing = ", ".join(n for n, v in scores.items() if v is None)
         error = _PARSE_ERRORS.get(parsed.status, "the teacher's output could not be parsed").format(missing=missing)
     status = parsed.status if parsed.status in _PARSE_ERRORS or parsed.status == "ok" else "unparseable"
+    extra: dict = {"score_source": source}
+    if cut:
+        extra["cut_chars"] = cut
     return Judgement(scores=scores, feedback=feedback, raw=content, status=status, latency_s=latency_s,
-                     attempts=attempts, error=error, extra={"score_source": source})
+                     attempts=attempts, error=error, extra=extra)

@@ -9,8 +9,10 @@ re-asked: at the usual temperature 0 the server would answer the same text again
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import logging
+import math
 import os
 import random
 import re
@@ -76,6 +78,42 @@ def retry_after_seconds(headers) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def split_credentials(url: str) -> tuple[str, dict[str, str]]:
+    """(URL without user:password@, headers carrying them as HTTP Basic auth).
+
+    httpx turns a URL's user:password@ into Basic auth by itself, but it also logs the URL with them (with
+    --debug), so they are taken out of the URL and sent as the same header instead.
+
+    >>> split_credentials("http://u:p%40ss@host:8000/v1")
+    ('http://host:8000/v1', {'Authorization': 'Basic dTpwQHNz'})
+    """
+    parts = urllib.parse.urlsplit(url)
+    if not (parts.username or parts.password):
+        return url, {}
+    user = urllib.parse.unquote(parts.username or "")
+    password = urllib.parse.unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), {"Authorization": f"Basic {token}"}
+
+
+def process_count() -> int:
+    """Processes of this run: accelerate's count once its state is set up, else the launcher's WORLD_SIZE, else 1.
+
+    Never sets accelerate's state up itself: a bare PartialState() would fix the device choice before
+    the Trainer makes it (on CPU it would not even join the launched processes into one group).
+    """
+    from accelerate import PartialState
+
+    if PartialState._shared_state:  # set up (transformers checks the same way)
+        return PartialState().num_processes
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def _display_url(url: str) -> str:
     """The URL without user:password@, safe for messages."""
     parts = urllib.parse.urlsplit(url)
@@ -91,7 +129,7 @@ class OpenAITeacher:
     prompt_tokens, completion_tokens, fallbacks.
     """
 
-    def __init__(self, cfg, rubric, backoff_base_s: float = 0.5):
+    def __init__(self, cfg, rubric, backoff_base_s: float = 0.5, num_processes: int | None = None):
         self.cfg = cfg
         self.rubric = rubric
         self.model = cfg.teacher_model_name
@@ -100,17 +138,30 @@ class OpenAITeacher:
         self.timeout_s = cfg.teacher_timeout_s if cfg.teacher_timeout_s > 0 else None
         self.backoff_base_s = backoff_base_s
         self.structured = cfg.teacher_structured_output
+        # How structured output is asked for: OpenAI's json_schema first; servers that refuse it may take
+        # {"type": "json_object", "schema": ...} (llama-cpp-python's server, Anyscale); then none.
+        self.structured_format = "json_schema"
         self.logprobs = cfg.teacher_logprob_scores
         self._max_tokens_param = "max_tokens"
         # Local servers ignore the key but the client insists on one; never log or store it elsewhere.
         self._api_key = os.environ.get("OPENAI_API_KEY") or "EMPTY"
-        self._base_url = cfg.openai_base_url or None
+        self._base_url, self._headers = split_credentials(cfg.openai_base_url) if cfg.openai_base_url else (None, {})
+        self._secrets = [v for v in (urllib.parse.urlsplit(cfg.openai_base_url).password,) if v]
+        # None: the run's process count, read when the first semaphore is made (see concurrency_per_process).
+        self.num_processes = num_processes
         self._states: dict[asyncio.AbstractEventLoop, _LoopState] = {}
         self._lock = threading.Lock()
         self.stats = {"calls": 0, "attempts": 0, "retries": 0, "ok": 0, "failures": {}, "latency_s_total": 0.0,
                       "prompt_tokens": 0, "completion_tokens": 0, "fallbacks": []}
 
     # ---- per-event-loop client and concurrency cap ---------------------------------------------
+    @property
+    def concurrency_per_process(self) -> int:
+        """This process's share of teacher_max_concurrency: ceil(cap / processes), so that the processes of a
+        multi-GPU run together keep about cap calls in flight (at most processes - 1 more), not cap each."""
+        processes = self.num_processes if self.num_processes is not None else process_count()
+        return max(1, math.ceil(self.cfg.teacher_max_concurrency / max(1, processes)))
+
     async def _state(self) -> _LoopState:
         """Client and semaphore of the running loop; asyncio objects must not cross loops."""
         loop = asyncio.get_running_loop()
@@ -120,9 +171,9 @@ class OpenAITeacher:
             state = self._states.get(loop)
             created = state is None
             if created:
-                client = openai.AsyncOpenAI(api_key=self._api_key, base_url=self._base_url,
-                                            timeout=self.timeout_s, max_retries=0)
-                state = self._states[loop] = _LoopState(client, asyncio.Semaphore(self.cfg.teacher_max_concurrency),
+                client = openai.AsyncOpenAI(api_key=self._api_key, base_url=self._base_url, timeout=self.timeout_s,
+                                            max_retries=0, default_headers=self._headers or None)
+                state = self._states[loop] = _LoopState(client, asyncio.Semaphore(self.concurrency_per_process),
                                                         _close_at_loop_shutdown(client))
         if created:
             await state.closer.__anext__()  # registers the generator with this loop
@@ -138,6 +189,8 @@ class OpenAITeacher:
         """Short error text that cannot carry the API key or a bearer token."""
         if self._api_key and self._api_key != "EMPTY":
             text = text.replace(self._api_key, "***")
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
         text = re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text)
         text = re.sub(r"\bsk-[A-Za-z0-9_\-]{8,}", "sk-***", text)
         return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -148,7 +201,7 @@ class OpenAITeacher:
 
     # ---- public API ------------------------------------------------------------------------------
     async def judge(self, requests: list[JudgeRequest]) -> list[Judgement]:
-        """Grade all requests concurrently (at most teacher_max_concurrency in flight); results in order.
+        """Grade all requests concurrently (at most `concurrency_per_process` in flight); results in order.
 
         Never raises for a failed request: it comes back as a Judgement with a failure status.
         """
@@ -192,15 +245,15 @@ class OpenAITeacher:
         start, attempts, retries = time.monotonic(), 0, 0
         self._bump("calls")
         while True:
-            structured, logprobs = self.structured, self.logprobs
+            structured, logprobs, fmt = self.structured, self.logprobs, self.structured_format
             attempts += 1
             self._bump("attempts")
             try:
                 async with state.semaphore:
-                    completion = await self._create(state.client, req, structured, logprobs)
+                    completion = await self._create(state.client, req, structured, logprobs, fmt)
                 return self._finish(completion, logprobs, start, attempts)
             except Exception as exc:  # every failure becomes a status; CancelledError still propagates
-                if self._fall_back(exc, structured, logprobs):
+                if self._fall_back(exc, structured, logprobs, fmt):
                     continue  # a refused option is not the server's fault: retry plainly, free of charge
                 status, retryable, wait = self._classify(exc)
                 if retryable and retries < self.max_retries:
@@ -213,12 +266,14 @@ class OpenAITeacher:
                     continue
                 return self._failed(status, exc, start, attempts)
 
-    async def _create(self, client: openai.AsyncOpenAI, req: JudgeRequest, structured: bool, logprobs: bool):
+    async def _create(self, client: openai.AsyncOpenAI, req: JudgeRequest, structured: bool, logprobs: bool,
+                      fmt: str = "json_schema"):
         kwargs = {"model": self.model, "temperature": self.cfg.teacher_temperature,
                   "messages": self.rubric.messages(req.question, req.response, req.ground_truth, json_mode=structured),
                   self._max_tokens_param: self.cfg.max_feedback_new_tokens}
         if structured:
-            kwargs["response_format"] = self.rubric.response_format()
+            kwargs["response_format"] = (self.rubric.response_format() if fmt == "json_schema"
+                                         else {"type": "json_object", "schema": self.rubric.json_schema()})
         if logprobs:
             kwargs.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
         call = client.chat.completions.create(**kwargs)
@@ -287,9 +342,15 @@ class OpenAITeacher:
         backoff = min(_BACKOFF_CAP_S, self.backoff_base_s * 2 ** (retry - 1))
         return backoff * random.uniform(0.5, 1.0)
 
-    def _fall_back(self, exc: Exception, structured: bool, logprobs: bool) -> bool:
-        """Switch off an option the server refused (400/422 naming it); True when the call should be re-sent."""
-        if not isinstance(exc, (openai.BadRequestError, openai.UnprocessableEntityError)):
+    def _fall_back(self, exc: Exception, structured: bool, logprobs: bool, fmt: str = "json_schema") -> bool:
+        """Switch off an option the server refused; True when the call should be re-sent.
+
+        A refusal is a 400/422 naming the option, or a 500 reporting a request "validation error" that names
+        it (llama-cpp-python's server answers a request it cannot validate with 500).
+        """
+        refused = isinstance(exc, (openai.BadRequestError, openai.UnprocessableEntityError)) or (
+            isinstance(exc, openai.InternalServerError) and "validation error" in str(exc).lower())
+        if not refused:
             return False
         text = str(exc).lower()
         if "max_completion_tokens" in text and self._max_tokens_param == "max_tokens":
@@ -300,6 +361,14 @@ class OpenAITeacher:
             return True
         if logprobs and "logprob" in text:
             return self._switch_off("logprobs", "logprob scores (top_logprobs)", exc)
+        if structured and fmt == "json_schema" and ("response_format" in text or "json_schema" in text):
+            with self._lock:
+                first = self.structured_format == "json_schema"
+                self.structured_format = "json_object"
+            if first:
+                logger.info("the teacher at %s refused response_format json_schema; asking for json_object with "
+                            "the schema instead", self.url)
+            return True
         if structured and any(w in text for w in ("response_format", "json_schema", "json_object", "structured",
                                                   "guided", "not supported", "unsupported")):
             return self._switch_off("structured", "structured output (response_format)", exc)

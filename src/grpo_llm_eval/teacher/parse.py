@@ -9,7 +9,8 @@ Decisions (the tests in tests/test_parse.py pin each one):
   read. So a teacher that quotes a student's forged block before writing its own has its own block read.
   A complete forged block quoted *after* the teacher's own unfinished block is read, because text alone
   cannot tell whose it is; the defence there is the prompt fence (see ``rubric.fence``), which escapes
-  ``<evaluation`` inside the student's response, so a verbatim quote of it is not a tag here.
+  ``<evaluation`` and ``{"`` inside the student's response, so a verbatim quote of it is neither a tag
+  nor a JSON object here.
 * **Within an XML block**, a criterion is read from its last ``</name>`` and the nearest ``<name>``
   before it (without a closing tag: from the last ``<name>``), its score from the first ``<score>`` in
   that section. A missing ``</explanation>`` (the seed's own example omits it) or ``</score>`` is fine.

@@ -23,9 +23,11 @@ __all__ = ["Criterion", "Parsed", "Rubric", "fence", "render", "seed_criteria"]
 log = logging.getLogger(__name__)
 
 # Bump when fencing, prompt generation or parsing changes meaning, so cached grades are not reused.
-RUBRIC_VERSION = 1
+RUBRIC_VERSION = 2
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PLACEHOLDER = re.compile(r"\{(question|student_response|ground_truth)\}")
+# Where a JSON object with keys starts (`{"`, spaces allowed): the only places parse.py tries to decode one.
+_JSON_OBJECT_START = re.compile(r'\{(?=\s*")')
 FENCE_TAGS = ("question", "student_response", "ground_truth", "evaluation", "score", "explanation")
 NO_GROUND_TRUTH = "(no ground truth given)"
 
@@ -80,10 +82,17 @@ def fence(tag: str, text: str, protected: re.Pattern) -> str:
     a closing tag, and a forged ``<evaluation>`` block quoted back verbatim by the teacher is not a tag
     for the parser. Other ``<`` (``<think>``, ``a < b``) are kept, because the rubric grades them.
 
+    Likewise a forged JSON grade: every ``{`` that starts an object with keys (``{"``) is written as
+    ``{\\"``, so a verbatim quote of it is no JSON object for the parser (which only decodes objects that
+    start with ``{"``); the teacher still reads it. Braces elsewhere (``\\boxed{7}``, ``{1, 2}``) are kept.
+
     >>> fence("student_response", "x</student_response>", _tag_pattern(["student_response"]))
     '<student_response>\\nx&lt;/student_response>\\n</student_response>'
+    >>> fence("student_response", '{"answer": 10}', _tag_pattern(["student_response"]))
+    '<student_response>\\n{\\\\"answer": 10}\\n</student_response>'
     """
-    return f"<{tag}>\n{protected.sub('&lt;', text)}\n</{tag}>"
+    text = _JSON_OBJECT_START.sub(r"{\\", protected.sub("&lt;", text))
+    return f"<{tag}>\n{text}\n</{tag}>"
 
 
 def _num(x: float) -> int | float:

@@ -3,6 +3,6 @@
 They live in the package (not under tests/) because benchmarks and demos use them too.
 """
 
-from grpo_llm_eval.testing.teacher_server import FAULT_KINDS, TeacherServer
+from grpo_llm_eval.testing.teacher_server import ALL_FAULTS, EXTRA_FAULTS, FAULT_KINDS, TeacherServer
 
-__all__ = ["FAULT_KINDS", "TeacherServer"]
+__all__ = ["ALL_FAULTS", "EXTRA_FAULTS", "FAULT_KINDS", "TeacherServer"]

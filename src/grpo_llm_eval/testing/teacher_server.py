@@ -1,11 +1,11 @@
 """A fault-injecting OpenAI-compatible teacher server on loopback (stdlib only).
 
-Serves `GET /v1/models`, `POST /v1/chat/completions` (non-streaming) and `GET /stats`. In `scripted`
-mode it grades like a correct teacher: answer and thought_process 10 when the student's last number
-equals the ground truth's, else 0; format 10 when the response has a think block. In `fixed` mode it
-always gives the same scores. Faults ("500", "429", "hang", "garbage", "empty") are injected at
-`fault_rate` with a seeded RNG, and every request and fault is counted so tests can compare the
-server's view with the client's metrics.
+Serves `GET /v1/models`, `POST /v1/chat/completions` (non-streaming) and `GET /stats`. Modes (what it
+writes: `grades.py`): `scripted`, a correct teacher (answer and thought_process 10 when the student's last
+number equals the ground truth's, else 0; format 10 with a think block); `fixed` scores; `obedient`, a
+gullible teacher. Faults (`FAULT_KINDS`, opt-in `EXTRA_FAULTS`) come at `fault_rate` from a seeded RNG or
+in order (`fault_script`), changeable while serving (`set_faults`); `die_after=N` kills the server after N
+chat requests. Every request and fault is counted, so tests can compare the server's view with the client's.
 
     with TeacherServer(mode="scripted", fault_rate=0.3, seed=0) as srv:
         srv.base_url   # http://127.0.0.1:PORT/v1
@@ -19,155 +19,50 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import random
-import re
+import socket
 import threading
 import time
-from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from grpo_llm_eval.testing.grades import (
+    GARBAGE,
+    SEED_CRITERIA,
+    _error,
+    _json,
+    _logprobs,
+    _text,
+    _xml,
+    adversarial_text,
+    criteria_in,
+    extract_fields,
+    last_number,
+    noisy_content,
+    obedient_content,
+    request_key,
+    scripted_grade,
+    tokens_of,
+)
 
 logger = logging.getLogger(__name__)
 
-FAULT_KINDS = ("500", "429", "hang", "garbage", "empty")
-SEED_CRITERIA = ("thought_process", "answer", "format")
-GARBAGE = "I am unable to follow the requested format. Here are some thoughts about the weather instead."
-_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
-_TOKEN = re.compile(r"\d+|[A-Za-z_]+|\s+|[^\w\s]")
-# Probability mass the fake sampler puts on the emitted score token and on its neighbours, so that a
-# logprob-weighted score differs from the parsed one (10 -> 9.75) and tests can tell them apart.
-_SCORE_MASS = (0.8, 0.15, 0.05)
+# Re-exported: tests and benchmarks import the grading helpers from here too.
+__all__ = ["ALL_FAULTS", "EXTRA_FAULTS", "FAULT_KINDS", "GARBAGE", "MODES", "SEED_CRITERIA", "TeacherServer",
+           "criteria_in", "extract_fields", "last_number", "request_key", "scripted_grade"]
+
+FAULT_KINDS = ("500", "429", "hang", "garbage", "empty")  # the default mix
+# Opt-in kinds: "drop" closes the connection without an answer (a crash mid-request), "huge" answers
+# `huge_chars` of adversarial near-miss grade syntax, "noisy" wraps an honest grade in control characters.
+# "trickle" sends a good answer a few bytes at a time over `hang_s` (no single read ever waits long).
+EXTRA_FAULTS = ("drop", "huge", "noisy", "trickle")
+ALL_FAULTS = FAULT_KINDS + EXTRA_FAULTS
+MODES = ("scripted", "fixed", "obedient")
 
 
-def request_key(messages) -> str:
-    """The id the request log gives a chat request: a digest of its messages (retries share it)."""
-    return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _block(text: str, tag: str) -> str | None:
-    """The last `<tag>...</tag>` block; tolerant of attributes, case and a missing closing tag."""
-    found = re.findall(rf"<{tag}\b[^>]*>(.*?)</{tag}\s*>", text, re.S | re.I)
-    if found:
-        return found[-1].strip()
-    unclosed = re.search(rf"<{tag}\b[^>]*>(.*?)(?=<(?:student_response|ground_truth)\b|\Z)", text, re.S | re.I)
-    return unclosed.group(1).strip() if unclosed else None
-
-
-def extract_fields(prompt: str) -> tuple[str | None, str | None]:
-    """(student response, ground truth) from a rendered rubric prompt; None where not found."""
-    response, truth = _block(prompt, "student_response"), _block(prompt, "ground_truth")
-    if response is None:  # the seed's unfenced layout
-        m = re.search(r"Student Response:\s*\n(.*?)\n\s*Ground Truth:\s*\n(.*)\Z", prompt, re.S)
-        if m:
-            response, truth = m.group(1).strip(), truth or m.group(2).strip()
-    return response, truth
-
-
-def last_number(text: str | None) -> Fraction | None:
-    """The last number in `text` as an exact fraction ("1,000" and "3/4" included)."""
-    found = _NUMBER.findall(text or "")
-    try:
-        return Fraction(found[-1].replace(",", "")) if found else None
-    except (ValueError, ZeroDivisionError):  # "1/0", "1.5/2"
-        return None
-
-
-def criteria_in(prompt: str) -> list[str]:
-    """Criterion names from the XML format a rubric prompt shows (`<name><score>`); the seed's if none."""
-    names = [n for n in re.findall(r"<([A-Za-z_]\w*)>\s*<score>", prompt) if n != "evaluation"]
-    return list(dict.fromkeys(names)) or list(SEED_CRITERIA)
-
-
-def scripted_grade(prompt: str, think_open: str = "<think>", think_close: str = "</think>") -> dict:
-    """A correct teacher's grade: {criterion: (score, explanation)} for the criteria the prompt names.
-
-    "format" is 10 when the response has a think block; every other criterion is 10 when the student's
-    last number equals the ground truth's last number, else 0. Without a response to find, all are 0.
-    """
-    names = criteria_in(prompt)
-    response, truth = extract_fields(prompt)
-    if response is None:
-        return {c: (0, "could not find the student's response in the prompt") for c in names}
-    got, want = last_number(response), last_number(truth)
-    right = got is not None and want is not None and got == want
-    verdict = (10 if right else 0, f"The final number {got} {'matches' if right else 'does not match'} "
-                                   f"the ground truth {want}.")
-    has_think = re.search(re.escape(think_open) + r".*?" + re.escape(think_close), response, re.S) is not None
-    form = (10, "Think block present.") if has_think else (0, "No think block.")
-    return {c: form if c == "format" else verdict for c in names}
-
-
-def _xml(grade: dict) -> str:
-    parts = [f"  <{c}><score>{s}</score><explanation>{e}</explanation></{c}>" for c, (s, e) in grade.items()]
-    return "<evaluation>\n" + "\n".join(parts) + "\n</evaluation>"
-
-
-def _fill(schema: dict, root: dict, grade: dict, crit: str | None = None, key: str | None = None):
-    """An instance of a JSON schema whose score/explanation fields carry `grade` (the fake constrained decoder)."""
-    if "$ref" in schema:
-        node = root
-        for part in schema["$ref"].lstrip("#/").split("/"):
-            node = node[part]
-        schema = node
-    for combo in ("anyOf", "oneOf", "allOf"):
-        if combo in schema:
-            options = [s for s in schema[combo] if s.get("type") != "null"] or schema[combo]
-            return _fill(options[0], root, grade, crit, key)
-    if "const" in schema:
-        return schema["const"]
-    if "enum" in schema:
-        choices = schema["enum"]
-        bare = {k: v for k, v in schema.items() if k != "enum"}
-        if "type" not in bare and all(isinstance(c, (int, float)) for c in choices):
-            bare["type"] = "number"
-        wanted = _fill(bare, root, grade, crit, key)
-        return wanted if wanted in choices else crit if crit in choices else choices[0]
-    kind = schema.get("type", "object" if "properties" in schema else "string")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "null")
-    if kind == "object":
-        return {k: _fill(s, root, grade, k if k in grade else crit, k) for k, s in schema.get("properties", {}).items()}
-    if kind == "array":
-        item = schema.get("items", {})
-        props = item.get("properties", {})
-        if any(k in props for k in ("name", "criterion")):  # a list of per-criterion objects
-            return [_fill(item, root, grade, c, None) for c in grade]
-        return []
-    if kind in ("integer", "number"):
-        score = grade[crit][0] if crit else 0
-        score = min(max(score, schema.get("minimum", score)), schema.get("maximum", score))
-        return int(score) if kind == "integer" else float(score)
-    if kind in ("boolean", "null"):
-        return True if kind == "boolean" else None
-    if crit and key in ("name", "criterion"):
-        return crit
-    return grade[crit][1] if crit else " ".join(e for _, e in grade.values())
-
-
-def _json(grade: dict, response_format: dict) -> str:
-    spec = response_format.get("json_schema") or {}
-    schema = spec.get("schema")
-    if not schema:  # json_object mode: the seed's structure as JSON
-        return json.dumps({c: {"score": s, "explanation": e} for c, (s, e) in grade.items()})
-    return json.dumps(_fill(schema, schema, grade))
-
-
-def _logprobs(tokens: list[str], top_n: int) -> list[dict]:
-    """OpenAI-style `logprobs.content`: numbers in 0..10 get some mass on their neighbours."""
-    out = []
-    for tok in tokens:
-        if tok.isdigit() and int(tok) <= 10:
-            v = int(tok)
-            alts = [v] + [a for a in (v - 1, v + 1, v - 2, v + 2) if 0 <= a <= 10][:2]
-            if 1 in alts and 10 not in alts:
-                # Real tokenizers have a "10" token too; without it a "1" could be the start of "10".
-                alts[-1] = 10
-            tops = [(str(a), math.log(p)) for a, p in zip(alts, _SCORE_MASS, strict=True)]
-        else:
-            tops = [(tok, -0.01), (" ", -5.0), ("the", -6.0)]
-        entries = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in tops[:max(top_n, 1)]]
-        out.append({**entries[0], "top_logprobs": entries[:top_n]})
-    return out
+def _check_faults(kinds) -> None:
+    unknown = set(kinds) - set(ALL_FAULTS)
+    if unknown:
+        raise ValueError(f"unknown faults {sorted(unknown)}; choose from {ALL_FAULTS}")
 
 
 class TeacherServer:
@@ -178,13 +73,15 @@ class TeacherServer:
                  latency_s: float = 0.0, models: tuple[str, ...] = ("teacher",),
                  fixed_scores: dict[str, int] | None = None, refuse_response_format: bool = False,
                  refuse_logprobs: bool = False, reasoning_field: str | None = None,
-                 models_endpoint: bool = True, refuse_max_tokens: bool = False, port: int = 0):
-        if mode not in ("scripted", "fixed"):
-            raise ValueError(f"mode must be 'scripted' or 'fixed', not {mode!r}")
-        unknown = set(faults) - set(FAULT_KINDS)
-        if unknown:
-            raise ValueError(f"unknown faults {sorted(unknown)}; choose from {FAULT_KINDS}")
+                 models_endpoint: bool = True, refuse_max_tokens: bool = False, port: int = 0,
+                 fault_script: tuple[str | None, ...] = (), die_after: int | None = None,
+                 huge_chars: int = 2_000_000):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        _check_faults((*faults, *(f for f in fault_script if f is not None)))
         self.mode, self.fault_rate, self.faults = mode, fault_rate, tuple(faults)
+        self.fault_script = list(fault_script)  # faults of the next chat requests, in arrival order; None: no fault
+        self.die_after, self.huge_chars = die_after, huge_chars
         self.hang_s, self.retry_after_s, self.latency_s = hang_s, retry_after_s, latency_s
         self.models = tuple(models)
         self.fixed_scores = dict(fixed_scores or {c: 7 for c in SEED_CRITERIA})
@@ -194,6 +91,8 @@ class TeacherServer:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._dead = threading.Event()
+        self._served = 0  # chat requests finished, for die_after
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.reset_stats()
@@ -207,6 +106,7 @@ class TeacherServer:
         self._httpd.block_on_close = False  # hung handlers are woken by _stopping instead
         self.port = self._httpd.server_address[1]
         self._stopping.clear()
+        self._dead.clear()
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),  # poll often: stop() waits for it
                                         name="teacher-server", daemon=True)
         self._thread.start()
@@ -215,11 +115,36 @@ class TeacherServer:
     def stop(self) -> None:
         """Stop serving, wake sleeping handlers and release the port."""
         self._stopping.set()
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
+        self._close_listener()
+
+    def _close_listener(self) -> None:
+        with self._lock:
+            httpd, self._httpd = self._httpd, None
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
             self._thread.join(timeout=5)
-            self._httpd = None
+
+    def kill(self) -> None:
+        """Die as a killed process does: refuse new connections and drop every open one without an answer."""
+        self._dead.set()
+        self._close_listener()
+
+    @property
+    def dead(self) -> bool:
+        return self._dead.is_set()
+
+    def set_faults(self, fault_rate: float | None = None, faults: tuple[str, ...] | None = None,
+                   script: tuple[str | None, ...] | None = None) -> None:
+        """Change the fault rate, the kinds, or the scripted faults of the next requests while serving."""
+        _check_faults((*(faults or ()), *(f for f in (script or ()) if f is not None)))
+        with self._lock:
+            if fault_rate is not None:
+                self.fault_rate = fault_rate
+            if faults is not None:
+                self.faults = tuple(faults)
+            if script is not None:
+                self.fault_script = list(script)
 
     def __enter__(self) -> TeacherServer:
         return self.start()
@@ -236,8 +161,9 @@ class TeacherServer:
     def reset_stats(self) -> None:
         """Forget all counts and the request log."""
         with self._lock:
-            self._stats = {"requests": 0, "chat_requests": 0, "model_requests": 0, "faults": {k: 0 for k in FAULT_KINDS},
-                           "responses": {}, "in_flight": 0, "max_in_flight": 0, "log": []}
+            kinds = dict.fromkeys((*FAULT_KINDS, *self.faults, *(f for f in self.fault_script if f)), 0)
+            self._stats = {"requests": 0, "chat_requests": 0, "model_requests": 0, "faults": kinds,
+                           "responses": {}, "in_flight": 0, "max_in_flight": 0, "dropped_dead": 0, "log": []}
 
     def stats(self) -> dict:
         """A copy of the counters and the per-request log (also served at GET /stats)."""
@@ -259,9 +185,12 @@ class TeacherServer:
         auth = hashlib.sha256(token.encode()).hexdigest()[:16] if token else None
         with self._lock:
             fault = None
-            if self.faults and self._rng.random() < self.fault_rate:
+            if self.fault_script:
+                fault = self.fault_script.pop(0)
+            elif self.faults and self._rng.random() < self.fault_rate:
                 fault = self._rng.choice(self.faults)
-                self._stats["faults"][fault] += 1
+            if fault is not None:
+                self._stats["faults"][fault] = self._stats["faults"].get(fault, 0) + 1
             s = self._stats
             s["in_flight"] += 1
             s["max_in_flight"] = max(s["max_in_flight"], s["in_flight"])
@@ -270,11 +199,20 @@ class TeacherServer:
             s["log"].append(entry)
             return entry
 
-    def _leave_chat(self, entry: dict, status: int) -> None:
+    def _leave_chat(self, entry: dict, status: int | None) -> None:
         with self._lock:
             self._stats["in_flight"] -= 1
             entry["status"] = status
             entry["t_done"] = time.monotonic()
+            self._served += 1
+            dying = self.die_after is not None and self._served >= self.die_after and not self._dead.is_set()
+        if dying:  # from another thread: shutdown() waits for the serving loop, which must not be us
+            self._dead.set()
+            threading.Thread(target=self._close_listener, name="teacher-server-death", daemon=True).start()
+
+    def _dropped_dead(self) -> None:
+        with self._lock:
+            self._stats["dropped_dead"] += 1
 
     def _responded(self, status: int) -> None:
         with self._lock:
@@ -288,9 +226,17 @@ class TeacherServer:
                  else scripted_grade(prompt))
         fmt = body.get("response_format") or {}
         content = _json(grade, fmt) if fmt.get("type") in ("json_schema", "json_object") else _xml(grade)
+        if self.mode == "obedient":  # a gullible model writes what it was talked into, whatever the format asked
+            content = obedient_content(prompt)
+        if fault == "huge":
+            content = adversarial_text(self.huge_chars, seed=number)
+        elif fault == "noisy":
+            content = noisy_content(content)
         content = {"garbage": GARBAGE, "empty": ""}.get(fault, content)
-        tokens = _TOKEN.findall(content)
-        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        if fault == "huge":  # megabytes are not cut by max_tokens here: a misbehaving server ignores it
+            tokens, limit = [content], None
+        else:
+            tokens, limit = tokens_of(content), body.get("max_completion_tokens") or body.get("max_tokens")
         finish = "stop"
         if limit and len(tokens) > int(limit):
             tokens, finish = tokens[: int(limit)], "length"
@@ -308,16 +254,6 @@ class TeacherServer:
                 "usage": {"prompt_tokens": words, "completion_tokens": len(tokens), "total_tokens": words + len(tokens)}}
 
 
-def _text(content) -> str:
-    if isinstance(content, list):  # content parts
-        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return content or ""
-
-
-def _error(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
 class _Server(ThreadingHTTPServer):
     # The default backlog of 5 drops connections under a burst of concurrent calls; the client then
     # waits a SYN retransmit (1 s) and reports a timeout the server never saw.
@@ -332,7 +268,7 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt: str, *args) -> None:
         logger.debug("teacher-server: " + fmt, *args)
 
-    def _send(self, status: int, payload, headers: dict | None = None) -> None:
+    def _send(self, status: int, payload, headers: dict | None = None, trickle_s: float = 0.0) -> None:
         data = json.dumps(payload).encode()
         self.app._responded(status)
         try:
@@ -342,11 +278,31 @@ class _Handler(BaseHTTPRequestHandler):
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
             self.end_headers()
-            self.wfile.write(data)
+            if trickle_s <= 0:
+                self.wfile.write(data)
+                return
+            pieces = 20
+            step = max(1, -(-len(data) // pieces))
+            for i in range(0, len(data), step):
+                self.wfile.write(data[i:i + step])
+                self.wfile.flush()
+                if self.app._stopping.wait(trickle_s / pieces):
+                    return
         except (BrokenPipeError, ConnectionResetError):
             logger.debug("teacher-server: client went away before the response")
 
+    def _drop(self) -> None:
+        """Close the connection without an answer (the client sees the server disconnect)."""
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.app.dead:
+            self.app._dropped_dead()
+            return self._drop()
         path = self.path.split("?")[0].rstrip("/")
         self.app._count(path)
         if path == "/stats":
@@ -358,9 +314,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, _error(f"no route {path}", "not_found"))
 
     def do_POST(self) -> None:  # noqa: N802
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.app.dead:
+            self.app._dropped_dead()
+            return self._drop()
         path = self.path.split("?")[0].rstrip("/")
         self.app._count(path)
-        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if path != "/v1/chat/completions":
             return self._send(404, _error(f"no route {path}", "not_found"))
         try:
@@ -381,6 +340,9 @@ class _Handler(BaseHTTPRequestHandler):
                                           "Use 'max_completion_tokens' instead.", "invalid_request_error", "max_tokens"))
         entry = app._enter_chat(body, self.headers.get("Authorization"))
         fault, status = entry["fault"], 200
+        if fault == "drop":
+            app._leave_chat(entry, None)
+            return self._drop()
         try:
             app._stopping.wait(app.latency_s + (app.hang_s if fault == "hang" else 0.0))
             if fault == "500":
@@ -397,18 +359,19 @@ class _Handler(BaseHTTPRequestHandler):
         # Leave before writing, so the next request a client sends after reading this answer is never
         # counted as overlapping with it (keeps max_in_flight exact).
         app._leave_chat(entry, status)
-        self._send(status, payload, headers)
+        self._send(status, payload, headers, trickle_s=app.hang_s if fault == "trickle" else 0.0)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the server in the foreground until interrupted."""
     p = argparse.ArgumentParser(description="Fault-injecting OpenAI-compatible teacher server (loopback only).")
     p.add_argument("--port", type=int, default=8011)
-    p.add_argument("--mode", choices=("scripted", "fixed"), default="scripted")
+    p.add_argument("--mode", choices=MODES, default="scripted")
     for flag, kind, default in [("--fault-rate", float, 0.0), ("--seed", int, 0), ("--hang-s", float, 5.0),
-                                ("--retry-after-s", float, 1.0), ("--latency-s", float, 0.0)]:
+                                ("--retry-after-s", float, 1.0), ("--latency-s", float, 0.0),
+                                ("--die-after", int, None), ("--huge-chars", int, 2_000_000)]:
         p.add_argument(flag, type=kind, default=default)
-    p.add_argument("--faults", default=",".join(FAULT_KINDS), help="comma list from " + ",".join(FAULT_KINDS))
+    p.add_argument("--faults", default=",".join(FAULT_KINDS), help="comma list from " + ",".join(ALL_FAULTS))
     p.add_argument("--models", default="teacher", help="comma list of served model names")
     p.add_argument("--fixed-scores", default="", help="e.g. thought_process=7,answer=7,format=7")
     p.add_argument("--refuse-response-format", action="store_true")
@@ -419,7 +382,8 @@ def main(argv: list[str] | None = None) -> None:
     srv = TeacherServer(mode=a.mode, fault_rate=a.fault_rate, seed=a.seed, faults=tuple(f for f in a.faults.split(",") if f),
                         hang_s=a.hang_s, retry_after_s=a.retry_after_s, latency_s=a.latency_s,
                         models=tuple(a.models.split(",")), fixed_scores=fixed, refuse_response_format=a.refuse_response_format,
-                        refuse_logprobs=a.refuse_logprobs, reasoning_field=a.reasoning_field, port=a.port)
+                        refuse_logprobs=a.refuse_logprobs, reasoning_field=a.reasoning_field, port=a.port,
+                        die_after=a.die_after, huge_chars=a.huge_chars)
     srv.start()
     print(f"teacher server at {srv.base_url} (mode={a.mode}, fault_rate={a.fault_rate}); Ctrl-C to stop", flush=True)
     try:

@@ -1,0 +1,282 @@
+"""`grpo_llm_eval report RUN_DIR`: one self-contained HTML file (default RUN_DIR/report.html) about a run.
+
+It opens offline and requests nothing: plots are matplotlib figures inlined as SVG, style and script are
+inline, and the page's Content-Security-Policy forbids any network access. Sections: overview, plots over
+steps from metrics.jsonl (a metric the run did not record gets a short note instead of an empty chart),
+evaluation results (eval_summary.json in RUN_DIR or `--eval DIR`), and a filterable table of the last
+`max_rows` rollouts from rollouts.jsonl (default 2000, so that a long run still gives a file a browser opens
+quickly; the page says when rows were left out). Every text from the run is HTML-escaped: completions and
+feedback are untrusted model output.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import re
+from html import escape
+from pathlib import Path
+
+import yaml
+
+from grpo_llm_eval.records import read_jsonl
+from grpo_llm_eval.report_assets import page
+from grpo_llm_eval.run_dir import RunDirError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_ROWS = 2000
+CRITERIA_KEY = re.compile(r"^criteria/(.+)/mean$")
+# One registry of plots: (title, [(metric key, legend label)]). "criteria" expands to every criteria/<name>/mean.
+PLOTS: list[tuple[str, list[tuple[str, str]] | str]] = [
+    ("Reward (mean and std over completions)", [("reward", "mean"), ("reward_std", "std")]),
+    ("Rubric criteria (mean score)", "criteria"),
+    ("KL to the reference model", [("kl", "kl")]),
+    ("Policy loss", [("loss", "loss")]),
+    ("SFT loss on teacher feedback", [("sft_loss", "sft_loss")]),
+    ("Judge failure rate", [("judge/failure_rate", "failure rate")]),
+    ("Judge latency (s, uncached calls)", [("judge/latency_mean_s", "latency")]),
+    ("Share of groups with tied rewards", [("frac_reward_zero_std", "tied groups")]),
+    ("Time per step (s)", [("step_time", "step"), ("time/generate_s", "generate"), ("time/judge_s", "judge")]),
+    ("Evaluation during training", [("eval/answer_accuracy", "answer accuracy"), ("eval/teacher_reward", "teacher reward"),
+                                    ("eval/judge_failure_rate", "judge failure rate")]),
+]
+TABLE_COLUMNS = ("step", "group", "question", "completion", "feedback", "scores", "reward", "advantage", "judge_status")
+
+
+def build_report(run_dir: str | Path, output: str | Path | None = None, eval_dir: str | Path | None = None,
+                 max_rows: int = DEFAULT_MAX_ROWS) -> Path:
+    """Write the report of RUN_DIR to OUTPUT (default RUN_DIR/report.html); returns its path."""
+    run = Path(run_dir).expanduser()
+    if not run.is_dir():
+        raise RunDirError(f"report: {run} is not a folder; give a run folder (it holds metrics.jsonl).")
+    if not (run / "metrics.jsonl").exists() and not (run / "rollouts.jsonl").exists():
+        raise RunDirError(f"report: {run} holds neither metrics.jsonl nor rollouts.jsonl; is it a run folder?")
+    metrics = read_jsonl(run / "metrics.jsonl")
+    rollouts = read_jsonl(run / "rollouts.jsonl")
+    summary = load_eval_summary(run, eval_dir)
+    cfg = _read_config(run)
+    title = f"GRPO run report: {run.name}"
+    body = "\n".join([
+        f"<header><h1>{escape(title)}</h1><div class=\"muted\">{escape(str(run.resolve()))}</div></header><main>",
+        overview(cfg, metrics, rollouts),
+        "<h2 id=\"plots\">Training curves</h2>",
+        "<div class=\"plots\">" + "".join(render_plots(metrics)) + "</div>",
+        eval_section(summary),
+        rollout_table(rollouts, max_rows),
+        "</main>",
+    ])
+    out = Path(output).expanduser() if output else run / "report.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    tmp.write_text(page(escape(title), body), encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+
+def _read_config(run: Path) -> dict:
+    try:
+        data = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def load_eval_summary(run: Path, eval_dir: str | Path | None) -> dict | None:
+    """eval_summary.json from EVAL_DIR (a folder or the file itself), else from the run folder, else None."""
+    candidates = []
+    if eval_dir is not None:
+        path = Path(eval_dir).expanduser()
+        candidates.append(path if path.is_file() else path / "eval_summary.json")
+    candidates.append(run / "eval_summary.json")
+    for path in candidates:
+        if path.is_file():
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as exc:
+                logger.warning("report: cannot read %s (%s); evaluation left out", path, exc)
+                return None
+    if eval_dir is not None:
+        raise RunDirError(f"report: --eval {eval_dir}: no eval_summary.json there; run `grpo_llm_eval evaluate` first.")
+    return None
+
+
+def series(metrics: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of KEY over the logged rows that carry a finite number for it."""
+    steps, values = [], []
+    for row in metrics:
+        value, step = row.get(key), row.get("step")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+                and isinstance(step, (int, float)):
+            steps.append(step)
+            values.append(float(value))
+    return steps, values
+
+
+# ---- plots ---------------------------------------------------------------------------------------
+
+
+def render_plots(metrics: list[dict]) -> list[str]:
+    """One HTML block per registered plot: an inline SVG chart, or a note when nothing was recorded."""
+    criteria = sorted({m.group(1) for row in metrics for k in row if (m := CRITERIA_KEY.match(k))})
+    blocks = []
+    for title, spec in PLOTS:
+        lines = [(f"criteria/{c}/mean", c) for c in criteria] if spec == "criteria" else spec
+        data = [(label, *series(metrics, key)) for key, label in lines]
+        data = [d for d in data if d[1]]
+        if not data:
+            keys = ", ".join(k for k, _ in lines) or "criteria/<name>/mean"
+            blocks.append(f"<div class=\"plot absent\"><h3>{escape(title)}</h3><p class=\"note\">not recorded in this "
+                          f"run ({escape(keys)})</p></div>")
+            continue
+        blocks.append(f"<div class=\"plot\"><h3>{escape(title)}</h3>{svg_chart(data)}</div>")
+    return blocks
+
+
+def svg_chart(data: list[tuple[str, list[float], list[float]]]) -> str:
+    """A line chart of (label, steps, values) series as an inline <svg> element (Agg-free SVG canvas)."""
+    import matplotlib
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    # svg.fonttype none: text stays text (small, searchable); a fixed hash salt makes ids and files reproducible.
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "grpo-llm-eval-report"}):
+        fig = Figure(figsize=(5.6, 2.9), layout="constrained")
+        ax = fig.add_subplot()
+        for label, steps, values in data:
+            ax.plot(steps, values, marker="o" if len(steps) <= 40 else None, markersize=3, linewidth=1.4, label=label)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        if len(data) > 1:
+            ax.legend(fontsize=8, frameon=False)
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg", metadata={"Date": None})
+    text = buf.getvalue()
+    text = text[text.index("<svg"):]  # drop the XML declaration and DOCTYPE: not valid inside HTML
+    return re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)
+
+
+# ---- sections ------------------------------------------------------------------------------------
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def overview(cfg: dict, metrics: list[dict], rollouts: list[dict]) -> str:
+    """Cards with the run's headline facts."""
+    steps = max((r["step"] for r in metrics if isinstance(r.get("step"), (int, float))), default=0)
+    rewards = [r["reward"] for r in rollouts if isinstance(r.get("reward"), (int, float))]
+    failed = sum(1 for r in rollouts if r.get("judge_status") not in (None, "ok"))
+    cards = [
+        ("student", cfg.get("student_model_name", "?")), ("teacher", cfg.get("teacher_model_name", "?")),
+        ("teacher backend", cfg.get("teacher_backend", "?")), ("steps logged", steps),
+        ("group size", cfg.get("num_return_sequences", "?")), ("rollouts", len(rollouts)),
+        ("mean reward", sum(rewards) / len(rewards) if rewards else None),
+        ("judge failures", f"{failed} / {len(rollouts)}"),
+    ]
+    inner = "".join(f"<div class=\"card\"><span class=\"muted\">{escape(k)}</span><b>{escape(_fmt(v) or 'n/a')}</b></div>"
+                    for k, v in cards)
+    return f"<h2 id=\"overview\">Overview</h2><div class=\"cards\">{inner}</div>"
+
+
+def eval_section(summary: dict | None) -> str:
+    """Evaluation results: per-model estimates with intervals, and the paired comparisons."""
+    if not summary or not summary.get("models"):
+        return ("<h2 id=\"evaluation\">Evaluation</h2><p class=\"note\">No evaluation results (run `grpo_llm_eval "
+                "evaluate ... --output RUN_DIR`, or pass --eval DIR).</p>")
+    models = summary["models"]
+    names = list(models[0]["metrics"])
+
+    def cell(e: dict) -> str:
+        return "n/a" if e.get("mean") is None else f"{_fmt(e['mean'], 4)} {_interval(e)}".strip()
+
+    head = "".join(f"<th>{escape(m['model'])}</th>" for m in models)
+    rows = "".join(f"<tr><td>{escape(k)}</td>" + "".join(f"<td class=\"num\">{escape(cell(m['metrics'][k]))}</td>"
+                                                          for m in models) + "</tr>" for k in names)
+    parts = [
+        "<h2 id=\"evaluation\">Evaluation</h2>",
+        f"<p class=\"muted\">split {escape(str(summary.get('split', '?')))}, {escape(str(summary.get('n_prompts', '?')))} "
+        f"prompts, {escape(str(summary.get('samples', '?')))} sample(s) per prompt; "
+        f"{escape(str(round(100 * summary.get('confidence', 0.95))))} % intervals. "
+        f"{escape(str(summary.get('methods', {}).get('intervals', '')))}</p>",
+        f"<table class=\"eval\"><thead><tr><th>metric</th>{head}</tr></thead><tbody>{rows}</tbody></table>",
+    ]
+    for comp in summary.get("comparisons", []):
+        body = "".join(
+            f"<tr><td>{escape(k)}</td><td class=\"num\">{escape(_fmt(e['diff']))}</td><td class=\"num\">"
+            f"{escape(_interval(e))}</td>"
+            f"<td class=\"num\">{escape(_fmt(e['p_value'], 3))}</td><td>{escape(e['test'])}</td>"
+            f"<td class=\"num\">{escape(str(e['n_prompts']))}</td></tr>"
+            for k, e in comp["metrics"].items())
+        parts.append(f"<h3>{escape(comp['model'])} minus {escape(comp['baseline'])} (paired over prompts)</h3>"
+                     "<table class=\"comparison\"><thead><tr><th>metric</th><th>difference</th><th>interval</th>"
+                     f"<th>p-value</th><th>test</th><th>prompts</th></tr></thead><tbody>{body}</tbody></table>")
+    return "\n".join(parts)
+
+
+def _interval(e: dict) -> str:
+    return "" if e.get("ci_low") is None else f"[{_fmt(e['ci_low'], 3)}, {_fmt(e['ci_high'], 3)}]"
+
+
+def _text(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
+    if isinstance(value, list):  # a conversational prompt: its last user turn
+        users = [m.get("content", "") for m in value if isinstance(m, dict) and m.get("role") == "user"]
+        return str(users[-1]) if users else json.dumps(value, ensure_ascii=False)
+    return _fmt(value)
+
+
+def rollout_table(rollouts: list[dict], max_rows: int) -> str:
+    """The last MAX_ROWS rollouts as a table with a text filter and a judge_status select."""
+    shown = rollouts[-max_rows:] if max_rows > 0 else []
+    statuses = sorted({str(r.get("judge_status")) for r in shown})
+    options = "<option value=\"\">all</option>" + "".join(
+        f"<option value=\"{escape(s)}\">{escape(s)}</option>" for s in statuses)
+    note = ""
+    if len(shown) < len(rollouts):
+        note = (f"<p class=\"note\">Showing the last {len(shown)} of {len(rollouts)} rollouts (the table is capped "
+                f"at --max-rows {max_rows} rows so the page stays fast; rollouts.jsonl holds them all).</p>")
+    body = []
+    for r in shown:
+        status = str(r.get("judge_status"))
+        cells = []
+        for col in TABLE_COLUMNS:
+            value = r.get(col)
+            if col == "question":
+                value = r.get("question") if r.get("question") is not None else r.get("prompt")
+            text = escape(_text(value))
+            if col in ("question", "completion", "feedback"):
+                cells.append(f"<td><div class=\"text\">{text}</div></td>")
+            elif col == "judge_status":
+                cells.append(f"<td class=\"{'status-ok' if status == 'ok' else 'status-bad'}\">{text}</td>")
+            elif col == "scores":
+                cells.append(f"<td>{text}</td>")
+            else:
+                cells.append(f"<td class=\"num\">{text}</td>")
+        body.append(f"<tr data-status=\"{escape(status)}\">{''.join(cells)}</tr>")
+    head = "".join(f"<th>{escape(c)}</th>" for c in TABLE_COLUMNS)
+    return (
+        "<h2 id=\"rollouts-section\">Rollouts</h2>" + note +
+        "<div class=\"controls\"><input id=\"rollout-filter\" type=\"search\" placeholder=\"filter: any text in a row\" "
+        f"aria-label=\"filter rollouts\"><label>judge_status <select id=\"status-filter\">{options}</select></label>"
+        f"<span class=\"muted\"><span id=\"rollout-shown\">{len(shown)}</span> of {len(shown)} rows shown</span></div>"
+        f"<table id=\"rollouts\"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    )
