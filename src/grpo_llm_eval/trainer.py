@@ -7,6 +7,7 @@ of its methods and calls the originals.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -123,6 +124,7 @@ class TeacherGRPOTrainer(GRPOTrainer):
                                                       "consecutive_failed": self.consecutive_failed})
             checkpoints.publish(staging / name, run / name)
             checkpoints.rotate(run, self.args.save_total_limit or 0)
+            shutil.rmtree(staging, ignore_errors=True)  # only leftovers (a model card) remain there
         self.accelerator.wait_for_everyone()
 
     def restore_state(self, checkpoint: str | Path) -> None:
