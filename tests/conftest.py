@@ -42,6 +42,19 @@ def tiny_model(tmp_path_factory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-model")))
 
 
+def judge_once(teacher, requests):
+    """Grade REQUESTS with TEACHER in a fresh event loop, then close the teacher."""
+    import asyncio
+
+    async def go():
+        try:
+            return await teacher.judge(requests)
+        finally:
+            await teacher.aclose()
+
+    return asyncio.run(go())
+
+
 def tiny_overrides(model: str, out: Path, **extra) -> list[str]:
     """--set style overrides for a fast run of the tiny model; extra keys override these."""
     base = {

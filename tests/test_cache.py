@@ -14,6 +14,7 @@ from grpo_llm_eval.teacher.openai_backend import OpenAITeacher
 from grpo_llm_eval.teacher.rubric import Rubric
 from grpo_llm_eval.teacher.types import Judgement, JudgeRequest
 from grpo_llm_eval.testing import TeacherServer
+from tests.conftest import judge_once
 
 NAMES = ["thought_process", "answer", "format"]
 
@@ -116,12 +117,7 @@ class TestCachedTeacher:
                              flags_from_config(cfg))
 
     def run(self, teacher: CachedTeacher, requests: list[JudgeRequest]) -> list[Judgement]:
-        async def go():
-            try:
-                return await teacher.judge(requests)
-            finally:
-                await teacher.aclose()
-        return asyncio.run(go())
+        return judge_once(teacher, requests)
 
     def test_a_repeated_request_is_answered_from_the_cache(self, tmp_path):
         requests = [JudgeRequest("6*7?", "<think>x</think> 42", "42"), JudgeRequest("6*7?", "41", "42")]

@@ -20,6 +20,7 @@ from grpo_llm_eval.teacher.rubric import Rubric
 from grpo_llm_eval.teacher.types import JudgeRequest, TeacherUnavailable
 from grpo_llm_eval.testing import FAULT_KINDS, TeacherServer
 from grpo_llm_eval.testing.teacher_server import request_key
+from tests.conftest import judge_once
 
 # The status a request ends with when its last attempt met this fault (None: no fault).
 STATUS_OF_LAST_FAULT = {None: "ok", "500": "http_error", "429": "rate_limited", "hang": "timeout",
@@ -33,13 +34,7 @@ def make_teacher(url: str, **overrides) -> OpenAITeacher:
     return OpenAITeacher(cfg, Rubric.from_config(cfg), backoff_base_s=0.05)
 
 
-def grade(teacher: OpenAITeacher, requests: list[JudgeRequest]):
-    async def go():
-        try:
-            return await teacher.judge(requests)
-        finally:
-            await teacher.aclose()
-    return asyncio.run(go())
+grade = judge_once
 
 
 def check(teacher: OpenAITeacher) -> None:
