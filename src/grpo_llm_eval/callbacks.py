@@ -43,6 +43,53 @@ class RecordsCallback(TrainerCallback):
             self.metrics.sync()
 
 
+class StepTimer(TrainerCallback):
+    """Where each step's time went, as metrics: time/{generate,old_logps,judge,judge_wait,judge_overlap,sft,train,step}_s.
+
+    judge_s is the judging of the batch this step trained, start to finish; judge_wait_s the part of it the
+    step waited for; judge_overlap_s the rest, hidden behind other work. train_s is the step minus generation
+    and scoring (forward, backward and optimizer; the SFT term's forward is also counted in sft_s).
+    """
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self._t0 = time.perf_counter()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        times = self.trainer.times
+        step = time.perf_counter() - self._t0
+        out = {f"time/{k}": v for k, v in times.items() if k != "prepare_s"}
+        out["time/judge_overlap_s"] = max(0.0, times.get("judge_s", 0.0) - times.get("judge_wait_s", 0.0))
+        out["time/train_s"] = max(0.0, step - times.get("prepare_s", 0.0))
+        out["time/step_s"] = step
+        for name, value in out.items():
+            self.trainer._metric(name, value)
+        times.clear()
+
+
+class TimeBudget(TrainerCallback):
+    """Stop after MINUTES of training, counted from the start of the first step, with a checkpoint."""
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60
+        self._t0: float | None = None
+        self.stopped_at: int | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._t0 is not None and time.perf_counter() - self._t0 >= self.seconds and state.global_step < state.max_steps:
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+            logger.info("Time budget of %.1f minutes spent: stopping after step %d.", self.seconds / 60, state.global_step)
+
+
 class FailedGradesGuard(TrainerCallback):
     """After max_consecutive_failed_steps steps whose grades all failed: save a checkpoint and stop."""
 

@@ -76,6 +76,7 @@ class Config:
     learning_rate: float = _f(5e-7, "Learning rate.", min=0.0)
     warmup_steps: int = _f(0, "Linear warm-up steps.", min=0)
     total_steps: int = _f(1000, "Number of optimizer updates (TRL max_steps).", min=1)
+    max_train_minutes: float = _f(0.0, "Stop training after this many minutes (from the first step; a checkpoint and final/ are saved); 0: no limit.", min=0.0)
     prompts_per_step: int = _f(4, "Prompts per update on each process; each yields num_return_sequences completions.", min=1)
     accumulation_steps: int = _f(1, "Gradient accumulation steps.", min=1)
     max_grad_norm: float = _f(0.1, "Gradient clipping norm.", min=0.0)
@@ -88,6 +89,7 @@ class Config:
     top_p: float = _f(0.9, "Student nucleus sampling.", min=0.0, max=1.0)
     top_k: int = _f(50, "Student top-k sampling (0: off).", min=0)
     repetition_penalty: float = _f(1.0, "Student repetition penalty.", min=0.0)
+    fast_generation: bool = _f(True, "On CUDA without vLLM: sample with a static KV cache and compiled decoding (TRL turns compile off); ignored on CPU.")
     max_seq_length: int = _f(1024, "Max tokens of a prompt (longer prompts are cut from the left) and of an SFT example.", min=8)
     system_prompt: str = _f(SEED_SYSTEM_PROMPT, "System prompt for the student; empty: none.")
     think_open_string: str = _f("<think>", "Opening think tag.")
@@ -107,6 +109,7 @@ class Config:
     teacher_logprob_scores: bool = _f(False, "Score = probability-weighted mean over score tokens (needs top_logprobs).")
     teacher_weight: float = _f(1.0, "Weight of the teacher's rubric reward among all rewards.", min=0.0)
     teacher_cache: bool = _f(True, "Answer repeated (model, rubric, prompt, response) from the run's cache.")
+    judge_ahead_steps: int = _f(1, "Grade each batch in the background and train on it this many updates after sampling it, so judging overlaps training and generation (importance-corrected); 0: wait for the grades, as the seed.", min=0)
     # ---- verifiers ----------------------------------------------------------------------------
     verifier_answer_weight: float = _f(0.0, "Weight of the math-verify answer check (1 right, 0 wrong).", min=0.0)
     verifier_format_weight: float = _f(0.0, "Weight of the think-tag format check.", min=0.0)

@@ -162,7 +162,7 @@ def grade_rows(cfg, rubric, judgements, questions, responses, truths) -> list[di
     rows = []
     for j, q, text, truth in zip(judgements, questions, responses, truths, strict=True):
         # Training's own scoring, so the eval reward cannot drift from the training reward.
-        scored = scorer._score(j, text, truth)
+        scored = scorer.score(j, text, truth)
         rows.append({"question": q, "ground_truth": truth, "response": text, "scores": j.scores,
                      "feedback": j.feedback, "judge_status": j.status,
                      "teacher_reward": rubric.reward(j.scores) if j.ok else None,

@@ -7,6 +7,8 @@ completions of one group incomparable. Here a failed grade masks the whole compl
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import statistics
 import time
@@ -50,15 +52,43 @@ class TeacherRubricReward:
         self.rubric = rubric
         self.teacher = teacher
         self.recorder = recorder
-        self.last_judge_wall_s = 0.0
+        self.last_judge_wall_s = 0.0  # judging time of the last scored batch, start to finish
+        self.last_judge_wait_s = 0.0  # the part of it the trainer waited for (the rest overlapped other work)
+        self._ahead: dict[tuple, concurrent.futures.Future] = {}
 
-    async def __call__(self, prompts, completions, answer=None, question=None, log_metric=None, **_):
-        n = len(completions)
+    @staticmethod
+    def _columns(prompts, completions, answer, question):
         texts = [completion_text(c) for c in completions]
         questions = question if question is not None else [prompt_text(p) for p in prompts]
-        truths = [None if a is None else str(a) for a in (answer or [None] * n)]
-        judgements = await self._judge(questions, texts, truths)
-        rows = [self._score(j, t, g) for j, t, g in zip(judgements, texts, truths, strict=True)]
+        truths = [None if a is None else str(a) for a in (answer or [None] * len(texts))]
+        return list(questions), texts, truths
+
+    def judge_in_background(self, loop, prompts, completions, rows: list[dict]) -> None:
+        """Start grading a sampled batch on LOOP now; the call that later scores the same batch awaits it."""
+        if self.cfg.teacher_weight <= 0 or self.teacher is None:
+            return
+        answer = [r.get("answer") for r in rows] if rows and "answer" in rows[0] else None
+        question = [r.get("question") for r in rows] if rows and "question" in rows[0] else None
+        questions, texts, truths = self._columns(prompts, completions, answer, question)
+        key = tuple(zip(questions, texts, strict=True))
+        self._ahead[key] = asyncio.run_coroutine_threadsafe(self._judge(questions, texts, truths), loop)
+
+    def cancel_background(self) -> None:
+        """Drop judging started for batches that will not be scored (the run stopped early)."""
+        for future in self._ahead.values():
+            future.cancel()
+        self._ahead.clear()
+
+    async def __call__(self, prompts, completions, answer=None, question=None, log_metric=None, **_):
+        questions, texts, truths = self._columns(prompts, completions, answer, question)
+        started = self._ahead.pop(tuple(zip(questions, texts, strict=True)), None)
+        wait_from = time.perf_counter()
+        if started is not None:
+            judgements, self.last_judge_wall_s = await asyncio.wrap_future(started)
+        else:
+            judgements, self.last_judge_wall_s = await self._judge(questions, texts, truths)
+        self.last_judge_wait_s = min(self.last_judge_wall_s, time.perf_counter() - wait_from)
+        rows = [self.score(j, t, g) for j, t, g in zip(judgements, texts, truths, strict=True)]
         if self.recorder is not None:
             self.recorder.add_local(prompts, questions, texts, truths, judgements, rows)
         if log_metric is not None:
@@ -66,17 +96,17 @@ class TeacherRubricReward:
                 log_metric(name, value)
         return [r["reward"] for r in rows]
 
-    async def _judge(self, questions, texts, truths) -> list[Judgement | None]:
+    async def _judge(self, questions, texts, truths) -> tuple[list[Judgement | None], float]:
+        """The teacher's judgements of a batch, and the wall time they took."""
         if self.cfg.teacher_weight <= 0 or self.teacher is None:
-            self.last_judge_wall_s = 0.0
-            return [None] * len(texts)
+            return [None] * len(texts), 0.0
         requests = [JudgeRequest(q, t, g) for q, t, g in zip(questions, texts, truths, strict=True)]
         start = time.perf_counter()
         judgements = await self.teacher.judge(requests)
-        self.last_judge_wall_s = time.perf_counter() - start
-        return judgements
+        return judgements, time.perf_counter() - start
 
-    def _score(self, judgement: Judgement | None, text: str, truth: str | None) -> dict:
+    def score(self, judgement: Judgement | None, text: str, truth: str | None) -> dict:
+        """The reward row of one completion: verifier checks, the teacher's reward and the weighted total."""
         cfg = self.cfg
         right = answer_correct(text, truth, cfg.think_close_string)  # None without a ground truth
         fmt = format_correct(text, cfg.think_open_string, cfg.think_close_string)

@@ -152,6 +152,10 @@ def train(cfg, resume: str | Path | None = None) -> TrainResult:
     stopper = StopOnSignal()
     trainer.add_callback(RecordsCallback(recorder, out, state.is_main_process))
     trainer.add_callback(guard)
+    if cfg.max_train_minutes > 0:
+        from grpo_llm_eval.callbacks import TimeBudget
+
+        trainer.add_callback(TimeBudget(cfg.max_train_minutes))
     if cfg.eval_steps > 0:
         from grpo_llm_eval.eval_callback import EvalCallback
 
@@ -173,6 +177,7 @@ def train(cfg, resume: str | Path | None = None) -> TrainResult:
     finally:
         stopper.uninstall()
         recorder.close()
+        reward.cancel_background()  # rollouts sampled ahead of a stop; they are saved in the checkpoint
         if teacher is not None:
             trainer_loop = getattr(trainer, "async_loop", None)
             if trainer_loop is not None and trainer_loop.is_running():

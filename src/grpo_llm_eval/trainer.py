@@ -9,13 +9,15 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
-from grpo_llm_eval import checkpoints, sft
+from grpo_llm_eval import checkpoints, judge_ahead, sft
+from grpo_llm_eval.callbacks import StepTimer
 
 logger = logging.getLogger(__name__)
 
@@ -32,26 +34,101 @@ class TeacherGRPOTrainer(GRPOTrainer):
         self.all_grades_failed = False
         self.consecutive_failed = 0
         self._staging: str | None = None
+        graded = reward is not None and run_cfg is not None and run_cfg.teacher_weight > 0
+        self.rollouts = judge_ahead.RolloutQueue(run_cfg.judge_ahead_steps if graded else 0)
+        self._replay: tuple | None = None
+        self.times: dict[str, float] = defaultdict(float)  # this step's seconds by part; StepTimer logs them
+        self.add_callback(StepTimer(self))
+        self._compiled_generation = False
+        if run_cfg is not None and run_cfg.fast_generation:
+            self._use_compiled_generation()
+
+    def _use_compiled_generation(self) -> None:
+        """Static KV cache plus transformers' compiled decoding step, on CUDA with transformers generation."""
+        if self.use_vllm or not torch.cuda.is_available() or getattr(self, "generation_config", None) is None:
+            return
+        if self.args.cache_implementation not in (None, "static"):
+            return  # the user chose a cache; leave it
+        self.generation_config.cache_implementation = "static"
+        self.generation_config.disable_compile = False
+        self.generation_kwargs["cache_implementation"] = "static"
+        self._compiled_generation = True
 
     def _metric(self, name: str, value: float) -> None:
         # TRL averages self._metrics["train"][name] over the logging window (the same store log_metric feeds).
         self._metrics["train"][name].append(float(value))
 
-    def _generate_and_score_completions(self, inputs):
+    # ---- generation, judging ahead, scoring ---------------------------------------------------------
+
+    def _generate(self, prompts):
+        # A rollout sampled earlier comes back here when its turn to train has come (see judge_ahead.py).
+        if self._replay is not None:
+            return self._replay
+        if not self._compiled_generation:
+            return super()._generate(prompts)
+        try:
+            return super()._generate(prompts)
+        except Exception as exc:  # a compile failure must not end the run: generate as TRL does instead
+            logger.warning("Compiled generation failed (%s: %s); continuing with TRL's uncompiled generation.",
+                           type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            self._compiled_generation = False
+            self.generation_config.disable_compile = True
+            self.generation_config.cache_implementation = self.args.cache_implementation
+            self.generation_kwargs["cache_implementation"] = self.args.cache_implementation
+            return super()._generate(prompts)
+
+    def _sample(self, inputs) -> judge_ahead.Rollout:
+        """Generate completions for INPUTS now, record their sampling log-probs, start judging them."""
         start = time.perf_counter()
-        output = super()._generate_and_score_completions(inputs)
+        prompts = [x["prompt"] for x in inputs]
+        generated = self._generate(prompts)
+        self.times["generate_s"] += time.perf_counter() - start
+        old = None
+        if not self.use_vllm:  # with vLLM, TRL's importance sampling correction covers the lag
+            start = time.perf_counter()
+            old = judge_ahead.sampling_logps(self, generated[0], generated[1])
+            self.times["old_logps_s"] += time.perf_counter() - start
+        self.teacher_reward.judge_in_background(self.async_loop, prompts, generated[3], inputs)
+        return judge_ahead.Rollout(inputs, generated, old)
+
+    def _generate_and_score_completions(self, inputs):
         if not self.model.training:
-            return output
-        elapsed = time.perf_counter() - start
-        judge = self.teacher_reward.last_judge_wall_s if self.teacher_reward is not None else 0.0
-        self._metric("time/generate_s", elapsed - judge)
-        self._metric("time/judge_s", judge)
+            return super()._generate_and_score_completions(inputs)
+        start = time.perf_counter()
+        if self.rollouts.depth == 0:
+            output = super()._generate_and_score_completions(inputs)
+            judged = self.teacher_reward.last_judge_wall_s if self.teacher_reward is not None else 0.0
+            self.times["generate_s"] += time.perf_counter() - start - judged  # includes TRL's scoring work
+        else:
+            output = self._train_on_queued(inputs)
+        self.times["prepare_s"] += time.perf_counter() - start
+        if self.teacher_reward is not None:
+            self.times["judge_s"] += self.teacher_reward.last_judge_wall_s
+            self.times["judge_wait_s"] += self.teacher_reward.last_judge_wait_s
         advantages = output["advantages"].tolist()
         if self.recorder is not None:
             self.recorder.finish_batch(advantages, step=self.state.global_step + 1,
                                        gather=gather_object if self.accelerator.num_processes > 1 else None)
         self._check_failed_grades()
         self._prepare_sft()
+        return output
+
+    def _train_on_queued(self, inputs):
+        """Sample INPUTS (and, at the start, enough more to fill the queue); score and return the oldest rollout."""
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        remaining = judge_ahead.remaining_generation_calls(
+            self.state.global_step, self.state.max_steps, self._step, self.args.gradient_accumulation_steps,
+            generate_every)
+        while len(self.rollouts) < self.rollouts.wanted(remaining):
+            self.rollouts.append(self._sample(inputs))
+        ready = self.rollouts.pop()
+        self._replay = ready.generated
+        try:
+            output = super()._generate_and_score_completions(ready.inputs)
+        finally:
+            self._replay = None
+        if ready.old_logps is not None:
+            output["old_per_token_logps"] = ready.old_logps
         return output
 
     def _check_failed_grades(self) -> None:
@@ -96,8 +173,10 @@ class TeacherGRPOTrainer(GRPOTrainer):
             self._metric("sft_tokens", 0)
             return loss
         pad = self.processing_class.pad_token_id
+        start = time.perf_counter()
         batch = sft.collate(chunk, pad if pad is not None else 0, self.accelerator.device)
         s_loss, n_tokens = sft.sft_loss(model, batch)
+        self.times["sft_s"] += time.perf_counter() - start  # its forward pass; the backward is in train_s
         self._metric("sft_loss", s_loss.item())
         self._metric("sft_tokens", n_tokens)
         # TRL's policy loss is already divided by the accumulation steps; scale the SFT term the same way.
@@ -118,6 +197,9 @@ class TeacherGRPOTrainer(GRPOTrainer):
             super()._save_checkpoint(model, trial)
         finally:
             self._staging = None
+        if self.rollouts.depth > 0:  # each process's sampled, not yet trained rollouts
+            (staging / name).mkdir(parents=True, exist_ok=True)
+            self.rollouts.save(judge_ahead.queue_file(staging / name, self.accelerator.process_index))
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             checkpoints.write_state(staging / name, {"global_step": self.state.global_step,
@@ -130,3 +212,9 @@ class TeacherGRPOTrainer(GRPOTrainer):
     def restore_state(self, checkpoint: str | Path) -> None:
         """Our counters from a checkpoint (the Trainer restores weights, optimizer, scheduler, RNG, data)."""
         self.consecutive_failed = int(checkpoints.read_state(Path(checkpoint)).get("consecutive_failed", 0))
+        queued = judge_ahead.queue_file(Path(checkpoint), self.accelerator.process_index)
+        if self.rollouts.depth > 0 and queued.is_file():
+            for rollout in judge_ahead.RolloutQueue.load(queued, self.accelerator.device):
+                prompts = [x["prompt"] for x in rollout.inputs]
+                self.teacher_reward.judge_in_background(self.async_loop, prompts, rollout.generated[3], rollout.inputs)
+                self.rollouts.append(rollout)

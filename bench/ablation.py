@@ -1,0 +1,179 @@
+"""Ablation on one wall-clock budget: which reward teaches the bundled student, measured on held-out data.
+
+Each arm trains the bundled SmolLM2-135M-Instruct from the offline default (configs/offline.yaml) for the
+same number of minutes, one after the other (never two at once: they would share the CPU):
+
+    plain_trl        trl.GRPOTrainer with an exact-answer reward only (bench/plain_trl_arithmetic.py)
+    verifier_only    ours, teacher_weight=0 (math-verify answer check only)
+    teacher_only     ours, the bundled 135M teacher's rubric only (verifier_answer_weight=0)
+    both             ours, the offline default: 0.1 x teacher rubric + 1.0 x answer check
+    both_sft         ours, both + sft_beta=0.1 (SFT on the teacher's feedback)
+    scripted_teacher ours, teacher rubric only, from a correct scripted teacher over the OpenAI API
+                     (grpo_llm_eval.testing.teacher_server --mode scripted on loopback)
+
+Then `grpo_llm_eval evaluate` grades greedy answers to the first --limit test problems of every model
+(answer accuracy, Wilson 95% intervals, exact McNemar test against the base model), and the base and
+`both` models again with the 135M teacher for the mean teacher reward. Prints a Markdown table; writes
+OUT/ablation.json, OUT/reward_over_steps.svg and one log per arm.
+
+    python bench/ablation.py --minutes 10 --out runs/ablation        # about 75 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BASE = "bundled:smollm2-135m-instruct"
+ARMS = {
+    "plain_trl": [],
+    "verifier_only": ["teacher_weight=0"],
+    "teacher_only": ["verifier_answer_weight=0"],
+    "both": [],
+    "both_sft": ["sft_beta=0.1"],
+    "scripted_teacher": ["teacher_backend=openai", "teacher_model_name=teacher", "verifier_answer_weight=0"],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], log: Path, env=None) -> float:
+    started = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as fh:
+        code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    if code != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])}... failed ({code}); see {log}")
+    return time.perf_counter() - started
+
+
+def train_arm(name: str, out: Path, minutes: float, steps: int) -> None:
+    log = out / f"{name}.log"
+    if name == "plain_trl":
+        run([sys.executable, str(HERE / "plain_trl_arithmetic.py"), "--out", str(out / name),
+             "--minutes", str(minutes), "--steps", str(steps)], log)
+        return
+    sets = [f"output_dir={out}", f"run_name={name}", f"max_train_minutes={minutes}", f"total_steps={steps}",
+            "save_steps=100000", *ARMS[name]]
+    server = None
+    env = dict(os.environ)
+    if name == "scripted_teacher":
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "grpo_llm_eval.testing.teacher_server", "--port", str(port),
+                                   "--mode", "scripted"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(3)
+        sets.append(f"openai_base_url=http://127.0.0.1:{port}/v1/")
+        env.setdefault("OPENAI_API_KEY", "local")
+    try:
+        cmd = [sys.executable, "-m", "grpo_llm_eval.cli", "train"]
+        for s in sets:
+            cmd += ["--set", s]
+        run(cmd, log, env)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait()
+
+
+def model_of(name: str, out: Path) -> str:
+    return str(out / name / "final") if name == "plain_trl" else f"run:{out / name}"
+
+
+def steps_and_curve(name: str, out: Path) -> tuple[int, list[tuple[int, float]]]:
+    rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    key = "rewards/exact_answer/mean" if name == "plain_trl" else "verifier/answer_accuracy"
+    curve = [(r["step"], r[key]) for r in rows if key in r]
+    return max((s for s, _ in curve), default=0), curve
+
+
+def evaluate(models: list[str], out: Path, limit: int, teacher: bool) -> dict:
+    dest = out / ("eval_teacher" if teacher else "eval")
+    cmd = [sys.executable, "-m", "grpo_llm_eval.cli", "evaluate", "--limit", str(limit), "--output", str(dest)]
+    if not teacher:
+        cmd += ["--set", "teacher_weight=0"]
+    for m in models:
+        cmd += ["--model", m]
+    run(cmd, out / f"{dest.name}.log")
+    return json.loads((dest / "eval_summary.json").read_text())
+
+
+def plot(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, curve in curves.items():
+        if curve:
+            ax.plot([s for s, _ in curve], [v for _, v in curve], label=name, linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("sampled answer accuracy (verifier)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def fmt(m: dict) -> str:
+    return f"{m['mean']:.2f} [{m['ci_low']:.2f}, {m['ci_high']:.2f}]"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/ablation")
+    parser.add_argument("--minutes", type=float, default=10.0, help="training budget per arm")
+    parser.add_argument("--steps", type=int, default=1000, help="step cap per arm (the budget normally stops first)")
+    parser.add_argument("--limit", type=int, default=100, help="held-out problems evaluated")
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma list; default: all")
+    parser.add_argument("--skip-training", action="store_true", help="evaluate arms already trained in --out")
+    args = parser.parse_args()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    names = [a for a in args.arms.split(",") if a]
+    for name in names:
+        if name not in ARMS:
+            raise SystemExit(f"unknown arm {name!r}; choose from {', '.join(ARMS)}")
+        if not args.skip_training:
+            print(f"training {name} for {args.minutes:g} minutes...", flush=True)
+            train_arm(name, out, args.minutes, args.steps)
+    curves = {n: steps_and_curve(n, out)[1] for n in names}
+    summary = evaluate([BASE] + [model_of(n, out) for n in names], out, args.limit, teacher=False)
+    teacher = evaluate([BASE, model_of("both", out)], out, args.limit, teacher=True) if "both" in names else None
+    plot(curves, out / "reward_over_steps.svg")
+
+    models = summary["models"]
+    comps = {c["model"]: c for c in summary.get("comparisons", [])}
+    lines = ["| arm | steps in budget | held-out accuracy [95% CI] | vs base: difference [95% CI], p |",
+             "| --- | --- | --- | --- |",
+             f"| base model | 0 | {fmt(models[0]['metrics']['answer_accuracy'])} | |"]
+    table = {"base": models[0]["metrics"]["answer_accuracy"]}
+    for name, entry in zip(names, models[1:], strict=True):
+        acc = entry["metrics"]["answer_accuracy"]
+        diff = (comps.get(entry["model"], {}).get("metrics") or {}).get("answer_accuracy")
+        vs = f"{diff['diff']:+.2f} [{diff['ci_low']:+.2f}, {diff['ci_high']:+.2f}], p={diff['p_value']:.2g}" if diff else ""
+        lines.append(f"| {name} | {steps_and_curve(name, out)[0]} | {fmt(acc)} | {vs} |")
+        table[name] = {"accuracy": acc, "vs_base": diff, "steps": steps_and_curve(name, out)[0]}
+    if teacher:
+        t = [m["metrics"]["teacher_reward"] for m in teacher["models"]]
+        lines.append(f"\nMean 135M-teacher reward, base {fmt(t[0])} -> both {fmt(t[1])}")
+        table["teacher_reward"] = {"base": t[0], "both": t[1], "comparisons": teacher.get("comparisons")}
+    (out / "ablation.json").write_text(json.dumps({"minutes": args.minutes, "limit": args.limit, "arms": table},
+                                                  indent=1))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Judge ahead: the teacher grades batch k in the background while earlier batches train.
+
+With `judge_ahead_steps = d > 0`, the rollouts sampled at generation call c are trained at call c + d. Their
+judging runs on TRL's event-loop thread from the moment they are sampled, so it overlaps with d training
+steps and d generations; a step waits only for whatever judging is still running when its batch comes up.
+
+Sampled d updates earlier, a batch is slightly off-policy. Its per-token log-probs under the weights that
+sampled it are recorded at sampling time and handed to TRL as `old_per_token_logps`, so the clipped
+importance ratio corrects for the lag (PPO's own treatment of stale samples). With vLLM, TRL's importance
+sampling correction against vLLM's sampling log-probs does this instead.
+
+The first call fills the queue by sampling its prompts d + 1 times (fresh samples each time); no rollout is
+sampled that no step will train, and the queue is saved in each checkpoint, so a resumed run continues
+exactly where the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """One generation batch waiting for its turn to train."""
+
+    inputs: list[dict]  # TRL's generation batch (dataset rows)
+    generated: tuple  # what GRPOTrainer._generate returned for them
+    old_logps: torch.Tensor | None  # (B, T) per-token log-probs under the sampling weights; None with vLLM
+    meta: dict = field(default_factory=dict)
+
+    def state(self) -> dict[str, Any]:
+        old = None if self.old_logps is None else self.old_logps.detach().cpu()
+        return {"inputs": self.inputs, "generated": self.generated, "old_logps": old}
+
+
+class RolloutQueue:
+    """FIFO of sampled, not yet trained rollouts; `depth` is how many updates a rollout waits."""
+
+    def __init__(self, depth: int):
+        self.depth = depth
+        self.items: deque[Rollout] = deque()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def wanted(self, remaining_calls: int) -> int:
+        """Queue length needed before popping, when REMAINING_CALLS generation calls (this one included) are left.
+
+        Enough for this call and the next `depth`, but never a rollout that no remaining call will train.
+        """
+        return min(self.depth, max(0, remaining_calls - 1)) + 1
+
+    def append(self, rollout: Rollout) -> None:
+        self.items.append(rollout)
+
+    def pop(self) -> Rollout:
+        return self.items.popleft()
+
+    def save(self, path: Path) -> None:
+        torch.save([r.state() for r in self.items], path)
+
+    @staticmethod
+    def load(path: Path, device) -> list[Rollout]:
+        # Our own file, written by save() above: plain lists, dicts, strings and tensors.
+        states = torch.load(path, map_location=device, weights_only=False)
+        return [Rollout(s["inputs"], s["generated"], s["old_logps"]) for s in states]
+
+
+def remaining_generation_calls(global_step: int, max_steps: int, micro_step: int, grad_accum: int,
+                               generate_every: int) -> int:
+    """How many generation calls are left in the run, the current one included.
+
+    TRL generates once every `generate_every` micro-steps; a run has max_steps x grad_accum micro-steps.
+    """
+    done = global_step * grad_accum + micro_step % grad_accum
+    return max(1, math.ceil((max_steps * grad_accum - done) / generate_every))
+
+
+def queue_file(checkpoint: Path, process_index: int) -> Path:
+    return Path(checkpoint) / f"judge_ahead_queue-{process_index}.pt"
+
+
+def sampling_logps(trainer, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> torch.Tensor:
+    """Per-token log-probs of the completions under the trainer's current weights, padded as TRL pads them.
+
+    TRL builds the same tensors from the same lists when the batch trains, so the shapes line up.
+    """
+    from trl.models.utils import disable_gradient_checkpointing
+    from trl.trainer.utils import pad
+
+    device = trainer.accelerator.device
+    multiple = trainer.pad_to_multiple_of
+
+    def padded(rows, value, side):
+        return pad([torch.tensor(r) for r in rows], padding_value=value, padding_side=side,
+                   pad_to_multiple_of=multiple).to(device)
+
+    pad_id = trainer._tokenizer.pad_token_id
+    p_ids, c_ids = padded(prompt_ids, pad_id, "left"), padded(completion_ids, pad_id, "right")
+    p_mask = padded([[1] * len(r) for r in prompt_ids], 0, "left")
+    c_mask = padded([[1] * len(r) for r in completion_ids], 0, "right")
+    ids, mask = torch.cat([p_ids, c_ids], dim=1), torch.cat([p_mask, c_mask], dim=1)
+    with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs):
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, ids, mask, c_ids.size(1), batch_size=trainer.args.per_device_train_batch_size)
+    return logps

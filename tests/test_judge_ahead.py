@@ -1,0 +1,90 @@
+"""Judging ahead: batches are graded while earlier ones train, with their sampling log-probs kept for the ratio."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from grpo_llm_eval import judge_ahead
+from grpo_llm_eval.config_load import load_config
+from grpo_llm_eval.records import read_jsonl
+from grpo_llm_eval.testing.teacher_server import TeacherServer
+from grpo_llm_eval.train import train
+from tests.conftest import tiny_overrides
+
+
+class TestQueueArithmetic:
+    @pytest.mark.parametrize(("global_step", "depth", "wanted"), [(0, 1, 2), (1, 1, 2), (2, 1, 2), (3, 1, 1),
+                                                                  (0, 2, 3), (2, 2, 2), (3, 2, 1), (0, 0, 1)])
+    def test_the_queue_never_holds_a_rollout_no_step_will_train(self, global_step, depth, wanted):
+        remaining = judge_ahead.remaining_generation_calls(global_step, 4, 0, 1, 1)
+        assert remaining == 4 - global_step
+        assert judge_ahead.RolloutQueue(depth).wanted(remaining) == wanted
+
+    def test_generation_calls_count_micro_steps_and_steps_per_generation(self):
+        # 3 steps x 4 accumulation micro-steps, one generation every 2 micro-steps: 6 calls; after step 1 and
+        # one more micro-step, 12 - 5 = 7 micro-steps are left: 4 calls (the current one included)
+        assert judge_ahead.remaining_generation_calls(0, 3, 0, 4, 2) == 6
+        assert judge_ahead.remaining_generation_calls(1, 3, 1, 4, 2) == 4
+
+
+def test_sampling_logps_match_a_direct_forward_pass_for_ragged_lengths(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOTrainer
+
+    from grpo_llm_eval import data
+    from grpo_llm_eval.train import grpo_args
+
+    cfg = load_config(None, tiny_overrides(tiny_model, tmp_path))
+    dataset = data.build_prompts(data.load_rows(cfg, "train").dataset, cfg)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    trainer = GRPOTrainer(model=tiny_model, reward_funcs=[lambda completions, **_: [0.0] * len(completions)],
+                          args=grpo_args(cfg, tmp_path / "t"), train_dataset=dataset, processing_class=tok)
+    prompts, completions = [[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14, 15]]
+    got = judge_ahead.sampling_logps(trainer, prompts, completions)
+    assert got.shape == (2, 4)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    for row, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        ids = torch.tensor([p + c])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(p) - 1:-1] / cfg.temperature
+        want = torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(c)[:, None])[:, 0]
+        torch.testing.assert_close(got[row, : len(c)], want, rtol=1e-4, atol=1e-4)
+
+
+class TestPipelinedRun:
+    def test_batches_train_one_step_after_sampling_and_judging_overlaps(self, tiny_model, tmp_path):
+        with TeacherServer(mode="scripted", latency_s=0.5) as server:
+            cfg = load_config(None, tiny_overrides(tiny_model, tmp_path, openai_base_url=server.base_url,
+                                                   total_steps=4, save_steps=100, judge_ahead_steps=1))
+            result = train(cfg)
+            requests = server.stats()["chat_requests"]
+        rows = read_jsonl(result.run_dir / "rollouts.jsonl")
+        prompts = {s: {json.dumps(r["prompt"]) for r in rows if r["step"] == s} for s in range(1, 5)}
+        # the first prompts are sampled twice to fill the queue, then each step trains the previous call's batch
+        assert prompts[1] == prompts[2] and prompts[2] != prompts[3] != prompts[4]
+        # nothing was judged that no step trained: every request the server saw belongs to a recorded rollout
+        assert requests == sum(1 for r in rows if not r["cached"])
+        steps = [m for m in read_jsonl(result.run_dir / "metrics.jsonl") if "time/step_s" in m]
+        assert [m["step"] for m in steps] == [1, 2, 3, 4]
+        assert all(m["time/judge_wait_s"] <= m["time/judge_s"] for m in steps)
+        for m in steps[1:]:
+            assert m["time/judge_s"] >= 0.5  # a full round at the server's latency...
+            assert m["time/judge_overlap_s"] > 0  # ...partly hidden behind the previous step's training
+        for m in steps[:-1]:
+            assert {"time/generate_s", "time/old_logps_s", "time/train_s"} <= set(m)
+        assert "time/generate_s" not in steps[-1]  # the last step samples nothing that no step would train
+
+    def test_synchronous_mode_waits_for_every_grade_and_samples_each_batch_once(self, tiny_model, tmp_path):
+        with TeacherServer(mode="scripted", latency_s=0.3) as server:
+            cfg = load_config(None, tiny_overrides(tiny_model, tmp_path, openai_base_url=server.base_url,
+                                                   total_steps=2, save_steps=100, judge_ahead_steps=0))
+            result = train(cfg)
+        rows = read_jsonl(result.run_dir / "rollouts.jsonl")
+        assert {json.dumps(r["prompt"]) for r in rows if r["step"] == 1} != {
+            json.dumps(r["prompt"]) for r in rows if r["step"] == 2}
+        steps = [m for m in read_jsonl(result.run_dir / "metrics.jsonl") if "time/step_s" in m]
+        assert all(m["time/judge_overlap_s"] == pytest.approx(0.0, abs=0.05) for m in steps)
+        assert all("time/old_logps_s" not in m for m in steps)
