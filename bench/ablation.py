@@ -38,7 +38,8 @@ ARMS = {
     "teacher_only": ["verifier_answer_weight=0"],
     "both": [],
     "both_sft": ["sft_beta=0.1"],
-    "scripted_teacher": ["teacher_backend=openai", "teacher_model_name=teacher", "verifier_answer_weight=0"],
+    "scripted_teacher": ["teacher_backend=openai", "teacher_model_name=teacher", "verifier_answer_weight=0",
+                         "max_feedback_new_tokens=512"],
 }
 
 

@@ -10,6 +10,8 @@ configured as configs/offline.yaml says (max_feedback_new_tokens, temperature 0,
     structured   JSON-schema-constrained grade (llama.cpp grammar)
     logprob      plain, with probability-weighted scores from top_logprobs
     structured+logprob
+    scripted-api a correct scripted teacher over the OpenAI API (our test server on loopback, structured
+                 output), as the ablation's scripted_teacher arm uses: the reference of a judge that can teach
 
 Reported per setting: ok share (grades that parse with every criterion in range), the share of groups whose
 ok teacher rewards are all equal (no GRPO signal; groups with fewer than 2 ok grades are counted apart),
@@ -30,7 +32,7 @@ import sys
 import time
 
 SETTINGS = {"plain": (False, False), "structured": (True, False), "logprob": (False, True),
-            "structured+logprob": (True, True)}
+            "structured+logprob": (True, True), "scripted-api": (True, False)}
 
 
 def responses(rows: list[dict]) -> list[tuple[int, str, str, str]]:
@@ -64,8 +66,17 @@ def run_setting(base_cfg, name: str, items, labels) -> dict:
 
     structured, logprobs = SETTINGS[name]
     cfg = dataclasses.replace(base_cfg, teacher_structured_output=structured, teacher_logprob_scores=logprobs)
+    server = None
+    if name == "scripted-api":
+        from grpo_llm_eval.teacher import build_teacher
+        from grpo_llm_eval.testing.teacher_server import TeacherServer
+
+        server = TeacherServer(mode="scripted").start()
+        os.environ.setdefault("OPENAI_API_KEY", "local")
+        cfg = dataclasses.replace(cfg, teacher_backend="openai", teacher_model_name="teacher",
+                                  openai_base_url=server.base_url, teacher_cache=False, max_feedback_new_tokens=512)
     rubric = Rubric.from_config(cfg)
-    teacher = LocalTeacher(cfg, rubric)
+    teacher = build_teacher(cfg, rubric) if server is not None else LocalTeacher(cfg, rubric)
 
     async def go():
         try:
@@ -75,7 +86,11 @@ def run_setting(base_cfg, name: str, items, labels) -> dict:
             await teacher.aclose()
 
     start = time.perf_counter()
-    judgements = asyncio.run(go())
+    try:
+        judgements = asyncio.run(go())
+    finally:
+        if server is not None:
+            server.stop()
     wall = time.perf_counter() - start
     ok = [j.ok for j in judgements]
     groups: dict[int, list[float]] = {}

@@ -50,6 +50,11 @@ class TestSeedCompatibility:
         assert (ROOT / "configs/offline.yaml").read_text() == default_config_text()
         validate(yaml.safe_load(default_config_text()))
 
+    @pytest.mark.parametrize("recipe", sorted((ROOT / "configs/recipes").glob("*.yaml")), ids=lambda p: p.name)
+    def test_every_recipe_validates_and_trains_a_lora_adapter_with_vllm_rollouts(self, recipe):
+        cfg = validate(yaml.safe_load(recipe.read_text()))
+        assert cfg.lora.enabled and cfg.trl.get("use_vllm") is True and cfg.teacher_backend == "openai"
+
     def test_float_written_as_5e_minus_7_is_read_as_a_number(self):
         # PyYAML reads 5e-7 (no dot) as a string; users write it that way.
         assert validate({"learning_rate": "5e-7"}).learning_rate == pytest.approx(5e-7)

@@ -104,7 +104,7 @@ class Config:
     teacher_temperature: float = _f(0.0, "Teacher sampling temperature.", min=0.0)
     teacher_timeout_s: float = _f(120.0, "Timeout of one teacher call, seconds.", min=0.0)
     teacher_max_retries: int = _f(3, "Retries of a failed teacher call (backoff honours Retry-After).", min=0)
-    teacher_max_concurrency: int = _f(32, "Teacher calls in flight at once, across the whole batch.", min=1)
+    teacher_max_concurrency: int = _f(32, "Teacher calls in flight at once across the whole batch (split evenly across processes under accelerate).", min=1)
     teacher_structured_output: bool = _f(False, "Ask for JSON-schema-constrained grades (response_format); falls back if refused.")
     teacher_logprob_scores: bool = _f(False, "Score = probability-weighted mean over score tokens (needs top_logprobs).")
     teacher_weight: float = _f(1.0, "Weight of the teacher's rubric reward among all rewards.", min=0.0)

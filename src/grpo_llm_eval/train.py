@@ -97,77 +97,15 @@ def _filter_long_prompts(dataset, tokenizer, cfg):
 
 def train(cfg, resume: str | Path | None = None) -> TrainResult:
     """Run GRPO training as configured; returns where the run lives. RESUME: a checkpoint folder to continue."""
-    import signal
-
-    import torch
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    from grpo_llm_eval import checkpoints
-    from grpo_llm_eval.callbacks import (
-        FailedGradesGuard,
-        ProgressBar,
-        ProgressLines,
-        RecordsCallback,
-        StopOnSignal,
-        WeightDigestCallback,
-    )
-    from grpo_llm_eval.records import RolloutRecorder
-    from grpo_llm_eval.rewards import TeacherRubricReward
-    from grpo_llm_eval.trainer import TeacherGRPOTrainer
-
-    # cpu= as TrainingArguments decides it later: without it, processes launched on CPUs would not join one
-    # group, and each would take itself for the main process.
-    state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
-    if not cfg.run_name:  # one timestamp for every process, or each would name its own folder
-        from accelerate.utils import broadcast_object_list
-
-        cfg = dataclasses.replace(cfg, run_name=broadcast_object_list([run_dir.run_dir_for(cfg).name])[0])
-    out = run_dir.prepare(cfg, resume=bool(resume)) if state.is_main_process else run_dir.run_dir_for(cfg)
-    if state.is_main_process:
-        shutil.rmtree(out / checkpoints.STAGING, ignore_errors=True)  # a save cut short by a crash
-        if resume:
-            checkpoints.truncate_records(out, checkpoints.step_of(Path(resume)))
-    state.wait_for_everyone()
+    cfg, out, is_main = _prepare_run(cfg, resume)
     loaded = data_mod.load_rows(cfg, cfg.dataset_split)
     dataset = data_mod.build_prompts(loaded.dataset, cfg)
-
     rubric = Rubric.from_config(cfg)
     teacher = build_teacher(cfg, rubric, cache_path=out / "judgements.sqlite") if cfg.teacher_weight > 0 else None
     if teacher is not None:
         asyncio.run(teacher.health_check())  # fail fast, before any model is loaded
-
-    student = models.load_student(cfg)
-    dataset = _filter_long_prompts(dataset, student.tokenizer, cfg)
-    args = grpo_args(cfg, out)
-    recorder = RolloutRecorder(out, cfg.num_return_sequences, is_main=state.is_main_process)
-    reward = TeacherRubricReward(cfg, rubric, teacher, recorder)
-    trainer = TeacherGRPOTrainer(
-        model=student.model, reward_funcs=[reward], args=args, train_dataset=dataset,
-        processing_class=student.tokenizer, peft_config=models.lora_config(cfg),
-        run_cfg=cfg, recorder=recorder, reward=reward,
-    )
-    guard = FailedGradesGuard(trainer, cfg.max_consecutive_failed_steps)
-    stopper = StopOnSignal()
-    trainer.add_callback(RecordsCallback(recorder, out, state.is_main_process))
-    trainer.add_callback(guard)
-    if cfg.max_train_minutes > 0:
-        from grpo_llm_eval.callbacks import TimeBudget
-
-        trainer.add_callback(TimeBudget(cfg.max_train_minutes))
-    if cfg.eval_steps > 0:
-        from grpo_llm_eval.eval_callback import EvalCallback
-
-        trainer.add_callback(EvalCallback(trainer, cfg, rubric, teacher))
-    trainer.add_callback(stopper)
-    # Our own progress display (a bar on a terminal, plain lines otherwise) instead of Trainer's dict printing.
-    trainer.remove_callback(ProgressCallback)
-    trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(ProgressLines() if args.disable_tqdm else ProgressBar())
-    digests = WeightDigestCallback.from_env(state.process_index)
-    if digests is not None:  # GRPO_LLM_EVAL_DUMP_WEIGHTS_DIR: a test checks every process ends with the same weights
-        trainer.add_callback(digests)
+    trainer, reward, recorder = _build_trainer(cfg, out, dataset, rubric, teacher, is_main)
+    guard, stopper = _attach_callbacks(trainer, cfg, rubric, teacher, recorder, out, is_main)
     if resume:
         trainer.restore_state(resume)
         logger.info("Resuming %s from %s", out, resume)
@@ -182,6 +120,92 @@ def train(cfg, resume: str | Path | None = None) -> TrainResult:
             trainer_loop = getattr(trainer, "async_loop", None)
             if trainer_loop is not None and trainer_loop.is_running():
                 asyncio.run_coroutine_threadsafe(teacher.aclose(), trainer_loop).result(timeout=30)
+    _raise_if_stopped(trainer, cfg, out, stopper, guard)
+    final = save_final(trainer, cfg, out)
+    return TrainResult(run_dir=out, global_step=trainer.state.global_step, final_dir=final)
+
+
+def _prepare_run(cfg, resume):
+    """Name the run (one name for every process), create or reopen its folder, cut records for a resume."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from grpo_llm_eval import checkpoints
+
+    # cpu= as TrainingArguments decides it later: without it, processes launched on CPUs would not join one
+    # group, and each would take itself for the main process.
+    state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if not cfg.run_name:  # one timestamp for every process, or each would name its own folder
+        from accelerate.utils import broadcast_object_list
+
+        cfg = dataclasses.replace(cfg, run_name=broadcast_object_list([run_dir.run_dir_for(cfg).name])[0])
+    out = run_dir.prepare(cfg, resume=bool(resume)) if state.is_main_process else run_dir.run_dir_for(cfg)
+    if state.is_main_process:
+        shutil.rmtree(out / checkpoints.STAGING, ignore_errors=True)  # a save cut short by a crash
+        if resume:
+            checkpoints.truncate_records(out, checkpoints.step_of(Path(resume)))
+    state.wait_for_everyone()
+    return cfg, out, state.is_main_process
+
+
+def _build_trainer(cfg, out: Path, dataset, rubric, teacher, is_main: bool):
+    """Student, reward, recorder and our GRPOTrainer subclass."""
+    from grpo_llm_eval.records import RolloutRecorder
+    from grpo_llm_eval.rewards import TeacherRubricReward
+    from grpo_llm_eval.trainer import TeacherGRPOTrainer
+
+    student = models.load_student(cfg)
+    dataset = _filter_long_prompts(dataset, student.tokenizer, cfg)
+    recorder = RolloutRecorder(out, cfg.num_return_sequences, is_main=is_main)
+    reward = TeacherRubricReward(cfg, rubric, teacher, recorder)
+    trainer = TeacherGRPOTrainer(
+        model=student.model, reward_funcs=[reward], args=grpo_args(cfg, out), train_dataset=dataset,
+        processing_class=student.tokenizer, peft_config=models.lora_config(cfg),
+        run_cfg=cfg, recorder=recorder, reward=reward,
+    )
+    return trainer, reward, recorder
+
+
+def _attach_callbacks(trainer, cfg, rubric, teacher, recorder, out: Path, is_main: bool):
+    """Records, the failed-grades guard, the time budget, evaluation, signals and our progress display."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from grpo_llm_eval.callbacks import (
+        FailedGradesGuard,
+        ProgressBar,
+        ProgressLines,
+        RecordsCallback,
+        StopOnSignal,
+        TimeBudget,
+        WeightDigestCallback,
+    )
+
+    guard = FailedGradesGuard(trainer, cfg.max_consecutive_failed_steps)
+    stopper = StopOnSignal()
+    trainer.add_callback(RecordsCallback(recorder, out, is_main))
+    trainer.add_callback(guard)
+    if cfg.max_train_minutes > 0:
+        trainer.add_callback(TimeBudget(cfg.max_train_minutes))
+    if cfg.eval_steps > 0:
+        from grpo_llm_eval.eval_callback import EvalCallback
+
+        trainer.add_callback(EvalCallback(trainer, cfg, rubric, teacher))
+    trainer.add_callback(stopper)
+    # Our own progress display (a bar on a terminal, plain lines otherwise) instead of Trainer's dict printing.
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(ProgressLines() if trainer.args.disable_tqdm else ProgressBar())
+    digests = WeightDigestCallback.from_env(trainer.accelerator.process_index)
+    if digests is not None:  # GRPO_LLM_EVAL_DUMP_WEIGHTS_DIR: a test checks every process ends with the same weights
+        trainer.add_callback(digests)
+    return guard, stopper
+
+
+def _raise_if_stopped(trainer, cfg, out: Path, stopper, guard) -> None:
+    """A signal or the failed-grades guard ended training: say how to resume, with the right exit code."""
+    import signal
+
     if stopper.signal_number is not None:
         name = signal.Signals(stopper.signal_number).name
         ckpt = out / f"checkpoint-{trainer.state.global_step}"
@@ -193,8 +217,6 @@ def train(cfg, resume: str | Path | None = None) -> TrainResult:
             f"every grade failed for {cfg.max_consecutive_failed_steps} steps in a row; stopped at step "
             f"{trainer.state.global_step} with a checkpoint in {out}. Check the teacher (see judge_status in "
             f"rollouts.jsonl), then resume with --resume.")
-    final = save_final(trainer, cfg, out)
-    return TrainResult(run_dir=out, global_step=trainer.state.global_step, final_dir=final)
 
 
 def save_final(trainer, cfg, out: Path) -> Path | None:
