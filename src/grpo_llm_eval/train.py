@@ -117,12 +117,22 @@ def train(cfg, resume: str | Path | None = None) -> TrainResult:
         recorder.close()
         reward.cancel_background()  # rollouts sampled ahead of a stop; they are saved in the checkpoint
         if teacher is not None:
-            trainer_loop = getattr(trainer, "async_loop", None)
-            if trainer_loop is not None and trainer_loop.is_running():
-                asyncio.run_coroutine_threadsafe(teacher.aclose(), trainer_loop).result(timeout=30)
+            _close_teacher(teacher, getattr(trainer, "async_loop", None))
     _raise_if_stopped(trainer, cfg, out, stopper, guard)
     final = save_final(trainer, cfg, out)
     return TrainResult(run_dir=out, global_step=trainer.state.global_step, final_dir=final)
+
+
+def _close_teacher(teacher, loop) -> None:
+    """Close the teacher on TRL's event loop; a teacher slow to close must not cost the trained model."""
+    if loop is None or not loop.is_running():
+        return
+    import concurrent.futures
+
+    try:
+        asyncio.run_coroutine_threadsafe(teacher.aclose(), loop).result(timeout=60)
+    except (TimeoutError, concurrent.futures.TimeoutError):
+        logger.warning("The teacher did not close within 60 s; going on without waiting for it.")
 
 
 def _prepare_run(cfg, resume):
@@ -155,6 +165,7 @@ def _build_trainer(cfg, out: Path, dataset, rubric, teacher, is_main: bool):
     from grpo_llm_eval.rewards import TeacherRubricReward
     from grpo_llm_eval.trainer import TeacherGRPOTrainer
 
+    _share_cpu_with_local_teacher(cfg)
     student = models.load_student(cfg)
     dataset = _filter_long_prompts(dataset, student.tokenizer, cfg)
     recorder = RolloutRecorder(out, cfg.num_return_sequences, is_main=is_main)
@@ -165,6 +176,24 @@ def _build_trainer(cfg, out: Path, dataset, rubric, teacher, is_main: bool):
         run_cfg=cfg, recorder=recorder, reward=reward,
     )
     return trainer, reward, recorder
+
+
+def _share_cpu_with_local_teacher(cfg) -> None:
+    """On CPU, leave the in-process teacher its own cores: it grades while torch trains (judging ahead), and
+    oversubscribed cores slow both down."""
+    import os
+
+    import torch
+
+    if cfg.teacher_weight <= 0 or cfg.teacher_backend != "local" or torch.cuda.is_available():
+        return
+    from grpo_llm_eval.teacher.local_backend import default_threads
+
+    threads = max(1, (os.cpu_count() or 1) - default_threads())
+    if threads < torch.get_num_threads():
+        logger.info("torch uses %d of %d CPU threads; the local teacher the other %d.", threads,
+                    os.cpu_count(), default_threads())
+        torch.set_num_threads(threads)
 
 
 def _attach_callbacks(trainer, cfg, rubric, teacher, recorder, out: Path, is_main: bool):

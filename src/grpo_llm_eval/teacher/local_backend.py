@@ -64,6 +64,7 @@ class LocalTeacher:
         self.n_threads = n_threads or default_threads()
         self._llm = None
         self._lock = threading.Lock()
+        self._closing = threading.Event()  # set by aclose: a batch in progress stops after its current grade
 
     def _model(self):
         if self._llm is None:
@@ -85,7 +86,9 @@ class LocalTeacher:
 
     def _judge_all(self, requests: list[JudgeRequest]) -> list[Judgement]:
         with self._lock:
-            return [self._judge_one(r) for r in requests]
+            return [self._judge_one(r) if not self._closing.is_set()
+                    else Judgement.failed("error", self.rubric.names, error="the teacher was closed")
+                    for r in requests]
 
     def _judge_one(self, req: JudgeRequest) -> Judgement:
         cfg = self.cfg
@@ -114,6 +117,11 @@ class LocalTeacher:
             cfg.think_open_string, cfg.think_close_string, latency_s=time.perf_counter() - start, attempts=1)
 
     async def aclose(self) -> None:
+        """Stop a batch in progress after its current grade (a thread cannot be interrupted), then free the model."""
+        self._closing.set()
+        await asyncio.to_thread(self._close_model)
+
+    def _close_model(self) -> None:
         with self._lock:
             if self._llm is not None:
                 self._llm.close()
