@@ -16,7 +16,7 @@ Then `grpo_llm_eval evaluate` grades greedy answers to the first --limit test pr
 `both` models again with the 135M teacher for the mean teacher reward. Prints a Markdown table; writes
 OUT/ablation.json, OUT/reward_over_steps.svg and one log per arm.
 
-    python bench/ablation.py --minutes 10 --out runs/ablation        # about 75 minutes on 2 cores
+    python bench/ablation.py --minutes 10 --out runs/ablation        # about 90 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -137,6 +137,7 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=10.0, help="training budget per arm")
     parser.add_argument("--steps", type=int, default=1000, help="step cap per arm (the budget normally stops first)")
     parser.add_argument("--limit", type=int, default=100, help="held-out problems evaluated")
+    parser.add_argument("--teacher-limit", type=int, default=100, help="problems graded by the 135M teacher (0: skip)")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma list; default: all")
     parser.add_argument("--skip-training", action="store_true", help="evaluate arms already trained in --out")
     args = parser.parse_args()
@@ -151,7 +152,8 @@ def main() -> int:
             train_arm(name, out, args.minutes, args.steps)
     curves = {n: steps_and_curve(n, out)[1] for n in names}
     summary = evaluate([BASE] + [model_of(n, out) for n in names], out, args.limit, teacher=False)
-    teacher = evaluate([BASE, model_of("both", out)], out, args.limit, teacher=True) if "both" in names else None
+    teacher = (evaluate([BASE, model_of("both", out)], out, args.teacher_limit, teacher=True)
+               if "both" in names and args.teacher_limit > 0 else None)
     plot(curves, out / "reward_over_steps.svg")
 
     models = summary["models"]
