@@ -77,13 +77,6 @@ class GroupByGroupJudge:
         return rewards
 
 
-def exact_answer(prompts, completions, answer, **_):
-    from grpo_llm_eval.rewards import completion_text
-    from grpo_llm_eval.verifiers import answer_correct
-
-    return [float(bool(answer_correct(completion_text(c), a, "</think>"))) for c, a in zip(completions, answer, strict=True)]
-
-
 def build_gpu_model(folder: Path) -> str:
     """The random-init ~0.5B Llama of rollout_speed.py with the bundled tokenizer (no Hub access), saved."""
     import torch
@@ -199,6 +192,8 @@ def run_arm(args, model: str, work: Path, name: str, latency: float, how) -> dic
         cfg.run_name = re.sub(r"[^\w.-]", "_", name)
         started = time.perf_counter()
         if how is None:
+            from plain_trl_arithmetic import exact_answer  # the same reward as the ablation's plain TRL arm
+
             times = run_trl(cfg, work / cfg.run_name, exact_answer)
         elif how == "random":  # varied rewards, so every step updates the weights
             times = run_trl(cfg, work / cfg.run_name, lambda completions, **_: [float(hash(str(c)) % 7) for c in completions])

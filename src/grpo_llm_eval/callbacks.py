@@ -76,7 +76,6 @@ class TimeBudget(TrainerCallback):
     def __init__(self, minutes: float):
         self.seconds = minutes * 60
         self._t0: float | None = None
-        self.stopped_at: int | None = None
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self._t0 is None:
@@ -84,7 +83,6 @@ class TimeBudget(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._t0 is not None and time.perf_counter() - self._t0 >= self.seconds and state.global_step < state.max_steps:
-            self.stopped_at = state.global_step
             control.should_save = True
             control.should_training_stop = True
             logger.info("Time budget of %.1f minutes spent: stopping after step %d.", self.seconds / 60, state.global_step)
