@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,6 @@ class Rollout:
     inputs: list[dict]  # TRL's generation batch (dataset rows)
     generated: tuple  # what GRPOTrainer._generate returned for them
     old_logps: torch.Tensor | None  # (B, T) per-token log-probs under the sampling weights; None with vLLM
-    meta: dict = field(default_factory=dict)
 
     def state(self) -> dict[str, Any]:
         old = None if self.old_logps is None else self.old_logps.detach().cpu()

@@ -88,8 +88,13 @@ class TeacherGRPOTrainer(GRPOTrainer):
             start = time.perf_counter()
             old = judge_ahead.sampling_logps(self, generated[0], generated[1])
             self.times["old_logps_s"] += time.perf_counter() - start
-        self.teacher_reward.judge_in_background(self.async_loop, prompts, generated[3], inputs)
-        return judge_ahead.Rollout(inputs, generated, old)
+        rollout = judge_ahead.Rollout(inputs, generated, old)
+        self._start_judging(rollout)
+        return rollout
+
+    def _start_judging(self, rollout: judge_ahead.Rollout) -> None:
+        prompts = [x["prompt"] for x in rollout.inputs]
+        self.teacher_reward.judge_in_background(self.async_loop, prompts, rollout.generated[3], rollout.inputs)
 
     def _generate_and_score_completions(self, inputs):
         if not self.model.training:
@@ -215,6 +220,5 @@ class TeacherGRPOTrainer(GRPOTrainer):
         queued = judge_ahead.queue_file(Path(checkpoint), self.accelerator.process_index)
         if self.rollouts.depth > 0 and queued.is_file():
             for rollout in judge_ahead.RolloutQueue.load(queued, self.accelerator.device):
-                prompts = [x["prompt"] for x in rollout.inputs]
-                self.teacher_reward.judge_in_background(self.async_loop, prompts, rollout.generated[3], rollout.inputs)
+                self._start_judging(rollout)  # answered by the judgement cache where graded before the stop
                 self.rollouts.append(rollout)
