@@ -3,7 +3,8 @@
 Each arm trains the bundled SmolLM2-135M-Instruct from the offline default (configs/offline.yaml) for the
 same number of minutes, one after the other (never two at once: they would share the CPU):
 
-    plain_trl        trl.GRPOTrainer with an exact-answer reward only (bench/plain_trl_arithmetic.py)
+    plain_trl        trl.GRPOTrainer with an exact-answer reward only (bench/plain_trl_arithmetic.py), lr 1e-5
+    plain_trl_lr3e-5 the same at the offline default's learning rate
     verifier_only    ours, teacher_weight=0 (math-verify answer check only)
     teacher_only     ours, the bundled 135M teacher's rubric only (verifier_answer_weight=0)
     both             ours, the offline default: 0.1 x teacher rubric + 1.0 x answer check
@@ -12,8 +13,8 @@ same number of minutes, one after the other (never two at once: they would share
                      (grpo_llm_eval.testing.teacher_server --mode scripted on loopback)
 
 Then `grpo_llm_eval evaluate` grades greedy answers to the first --limit test problems of every model
-(answer accuracy, Wilson 95% intervals, exact McNemar test against the base model), and the base and
-`both` models again with the 135M teacher for the mean teacher reward. Prints a Markdown table; writes
+(answer accuracy, Wilson 95% intervals, exact McNemar test against the base model, and `both` against
+`plain_trl`), and the base and `both` models again with the 135M teacher for the mean teacher reward. Prints a Markdown table; writes
 OUT/ablation.json, OUT/reward_over_steps.svg and one log per arm.
 
     python bench/ablation.py --minutes 10 --out runs/ablation        # about 90 minutes on 2 cores
@@ -33,14 +34,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BASE = "bundled:smollm2-135m-instruct"
 ARMS = {
-    "plain_trl": [],
+    "plain_trl": ["learning_rate=1e-5"],  # the issue's baseline
+    "plain_trl_lr3e-5": ["learning_rate=3e-5"],  # the baseline at the default's learning rate
     "verifier_only": ["teacher_weight=0"],
     "teacher_only": ["verifier_answer_weight=0"],
     "both": [],
     "both_sft": ["sft_beta=0.1"],
     "scripted_teacher": ["teacher_backend=openai", "teacher_model_name=teacher", "verifier_answer_weight=0",
-                         "max_feedback_new_tokens=512"],
+                         "max_feedback_new_tokens=512", "teacher_logprob_scores=false"],
 }
+PLAIN = ("plain_trl", "plain_trl_lr3e-5")
 
 
 def free_port() -> int:
@@ -60,9 +63,9 @@ def run(cmd: list[str], log: Path, env=None) -> float:
 
 def train_arm(name: str, out: Path, minutes: float, steps: int) -> None:
     log = out / f"{name}.log"
-    if name == "plain_trl":
+    if name in PLAIN:
         run([sys.executable, str(HERE / "plain_trl_arithmetic.py"), "--out", str(out / name),
-             "--minutes", str(minutes), "--steps", str(steps)], log)
+             "--minutes", str(minutes), "--steps", str(steps), *(f"--set={s}" for s in ARMS[name])], log)
         return
     sets = [f"output_dir={out}", f"run_name={name}", f"max_train_minutes={minutes}", f"total_steps={steps}",
             "save_steps=100000", *ARMS[name]]
@@ -87,12 +90,12 @@ def train_arm(name: str, out: Path, minutes: float, steps: int) -> None:
 
 
 def model_of(name: str, out: Path) -> str:
-    return str(out / name / "final") if name == "plain_trl" else f"run:{out / name}"
+    return str(out / name / "final") if name in PLAIN else f"run:{out / name}"
 
 
 def steps_and_curve(name: str, out: Path) -> tuple[int, list[tuple[int, float]]]:
     rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    key = "rewards/exact_answer/mean" if name == "plain_trl" else "verifier/answer_accuracy"
+    key = "rewards/exact_answer/mean" if name in PLAIN else "verifier/answer_accuracy"
     curve = [(r["step"], r[key]) for r in rows if key in r]
     return max((s for s, _ in curve), default=0), curve
 
@@ -168,6 +171,16 @@ def main() -> int:
         vs = f"{diff['diff']:+.2f} [{diff['ci_low']:+.2f}, {diff['ci_high']:+.2f}], p={diff['p_value']:.2g}" if diff else ""
         lines.append(f"| {name} | {steps_and_curve(name, out)[0]} | {fmt(acc)} | {vs} |")
         table[name] = {"accuracy": acc, "vs_base": diff, "steps": steps_and_curve(name, out)[0]}
+    if "both" in names and "plain_trl" in names:  # the default against the issue's baseline, paired over problems
+        from grpo_llm_eval.evaluate import summarize
+
+        rows = [json.loads(line) for line in (out / "eval" / "eval_rollouts.jsonl").read_text().splitlines() if line]
+        pair = [model_of("plain_trl", out), model_of("both", out)]
+        vs = summarize(rows, pair, ["thought_process", "answer", "format"], 1, 42)["comparisons"][0]
+        d = vs["metrics"]["answer_accuracy"]
+        lines.append(f"\nboth - plain_trl: {d['diff']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}], "
+                     f"p={d['p_value']:.2g} ({d['test']})")
+        table["both_vs_plain_trl"] = d
     if teacher:
         t = [m["metrics"]["teacher_reward"] for m in teacher["models"]]
         lines.append(f"\nMean 135M-teacher reward, base {fmt(t[0])} -> both {fmt(t[1])}")

@@ -1,15 +1,15 @@
 """How good a judge is the offline default's teacher? Share of parseable grades, tied groups, latency and
-ROC AUC of its answer score against the verifier, under four settings of the local backend.
+ROC AUC of its answer score against the verifier, under three settings of the local backend and one reference teacher.
 
 The responses are synthetic and labelled by the verifier (math-verify): for each of --questions bundled
 test problems, two right and two wrong answers (with and without a think block), one GRPO group of 4.
 Each setting grades all of them with the bundled SmolLM2-135M-Instruct teacher in-process (llama.cpp),
 configured as configs/offline.yaml says (max_feedback_new_tokens, temperature 0, the seed rubric):
 
-    plain        free-text grade, parsed (XML or JSON)
+    plain        free-text grade, parsed (XML or JSON), with the seed's prompt (which shows the XML format)
     structured   JSON-schema-constrained grade (llama.cpp grammar)
-    logprob      plain, with probability-weighted scores from top_logprobs
-    structured+logprob
+    logprob      forced JSON keys, probability-weighted scores from the digit tokens (teacher/local_scores.py;
+                 the offline default)
     scripted-api a correct scripted teacher over the OpenAI API (our test server on loopback, structured
                  output), as the ablation's scripted_teacher arm uses: the reference of a judge that can teach
 
@@ -17,7 +17,7 @@ Reported per setting: ok share (grades that parse with every criterion in range)
 ok teacher rewards are all equal (no GRPO signal; groups with fewer than 2 ok grades are counted apart),
 mean seconds per grade, and the ROC AUC of the answer score (ok grades) against right/wrong (0.5 is chance).
 
-    python bench/teacher_ok_share.py                    # 8 questions x 4 responses x 4 settings (~10 min, 2 cores)
+    python bench/teacher_ok_share.py                    # 8 questions x 4 responses x 4 settings (~5 min, 2 cores)
     python bench/teacher_ok_share.py --questions 4 --settings structured
 """
 
@@ -31,8 +31,7 @@ import statistics
 import sys
 import time
 
-SETTINGS = {"plain": (False, False), "structured": (True, False), "logprob": (False, True),
-            "structured+logprob": (True, True), "scripted-api": (True, False)}
+SETTINGS = {"plain": (False, False), "structured": (True, False), "logprob": (True, True), "scripted-api": (True, False)}
 
 
 def responses(rows: list[dict]) -> list[tuple[int, str, str, str]]:
@@ -66,6 +65,10 @@ def run_setting(base_cfg, name: str, items, labels) -> dict:
 
     structured, logprobs = SETTINGS[name]
     cfg = dataclasses.replace(base_cfg, teacher_structured_output=structured, teacher_logprob_scores=logprobs)
+    if name == "plain":
+        from grpo_llm_eval.config import SEED_EVALUATION_PROMPT
+
+        cfg = dataclasses.replace(cfg, evaluation_prompt=SEED_EVALUATION_PROMPT)
     server = None
     if name == "scripted-api":
         from grpo_llm_eval.teacher import build_teacher

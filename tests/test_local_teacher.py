@@ -1,4 +1,4 @@
-"""The in-process llama.cpp teacher on the bundled GGUF: closing it while a batch is being graded."""
+"""The in-process llama.cpp teacher on the bundled GGUF: forced-key logprob scores, and closing it mid-batch."""
 
 from __future__ import annotations
 
@@ -9,6 +9,73 @@ from grpo_llm_eval.teacher.local_backend import LocalTeacher
 from grpo_llm_eval.teacher.rubric import Rubric
 from grpo_llm_eval.teacher.types import JudgeRequest
 
+RIGHT = JudgeRequest("What is 19 + 25? Give only the final number.", "44", "44")
+WRONG = JudgeRequest("What is 19 + 25? Give only the final number.", "To calculate 19 + 25, we", "44")
+
+
+def judge(teacher, requests):
+    async def go():
+        try:
+            return await teacher.judge(requests)
+        finally:
+            await teacher.aclose()
+
+    return asyncio.run(go())
+
+
+class TestForcedKeyScores:
+    """The offline default's grading: keys forced, scores read from digit-token probabilities."""
+
+    def test_grades_are_probability_weighted_scores_on_the_scale_with_a_parseable_grade(self):
+        cfg = load_config(None)
+        rubric = Rubric.from_config(cfg)
+        teacher = LocalTeacher(cfg, rubric, n_threads=1)
+        judgements = judge(teacher, [RIGHT, WRONG])
+        for j in judgements:
+            assert j.ok, j.error
+            assert set(j.scores) == set(rubric.names)
+            assert all(0.0 <= v <= 10.0 for v in j.scores.values())
+            assert j.extra["score_source"] == {n: "logprob" for n in rubric.names}
+            parsed = rubric.parse(j.raw)  # the grade text holds the most likely integer of each criterion
+            assert parsed.status == "ok" and all(float(v).is_integer() for v in parsed.scores.values())
+            assert '"explanation": "' in j.raw
+        # Weighted means, not the written integers (those would all be whole numbers).
+        assert any(not float(v).is_integer() for j in judgements for v in j.scores.values())
+
+    def test_the_scale_distribution_covers_two_digit_scores(self):
+        cfg = load_config(None)
+        rubric = Rubric.from_config(cfg)
+        teacher = LocalTeacher(cfg, rubric, n_threads=1)
+        asyncio.run(teacher.health_check())
+        try:
+            prompt = teacher._scorer._formatter(messages=rubric.messages(
+                RIGHT.question, RIGHT.response, RIGHT.ground_truth, json_mode=True, compact=True)).prompt
+            probs = teacher._scorer._scale_probs(prompt + '{"answer": ', list(range(0, 11)))
+        finally:
+            asyncio.run(teacher.aclose())
+        assert set(probs) == set(range(11))
+        assert 0.0 < sum(probs.values()) <= 1.0 + 1e-9
+        assert probs[10] > 0.0  # reached through "1" then "0"
+
+    def test_the_reused_prompt_cache_does_not_change_a_grade(self):
+        cfg = load_config(None)
+        teacher = LocalTeacher(cfg, Rubric.from_config(cfg), n_threads=1)
+        first, _, again = judge(teacher, [RIGHT, WRONG, RIGHT])
+        assert first.raw == again.raw
+        assert all(abs(first.scores[n] - again.scores[n]) < 1e-3 for n in first.scores)
+
+    def test_a_scale_it_cannot_read_falls_back_to_grammar_decoding(self):
+        cfg = load_config(None, ["max_feedback_new_tokens=48"])
+        cfg.criteria = [{"name": "answer", "weight": 1.0, "description": "Is the final answer right?",
+                         "min": 0, "max": 0.5}]
+        teacher = LocalTeacher(cfg, Rubric.from_config(cfg), n_threads=1)
+        asyncio.run(teacher.health_check())
+        assert teacher._scorer is None and teacher._llm is not None  # loaded, for decoding with logprobs
+        (j,) = judge(teacher, [RIGHT])
+        assert j.status in ("ok", "incomplete", "unparseable")  # a 135M model's decoded grade; never made up
+        if j.ok:
+            assert 0.0 <= j.scores["answer"] <= 0.5
+
 
 def test_closing_stops_a_batch_in_progress_after_its_current_grade():
     cfg = load_config(None)  # the offline default: bundled SmolLM2 teacher, structured grades
@@ -18,7 +85,7 @@ def test_closing_stops_a_batch_in_progress_after_its_current_grade():
     async def go():
         await teacher.health_check()
         batch = asyncio.ensure_future(teacher.judge(requests))
-        await asyncio.sleep(2.0)  # a few grades in
+        await asyncio.sleep(4.0)  # a few grades in (about 0.5 to 1 s each on one core)
         await teacher.aclose()
         return await batch
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import threading
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from grpo_llm_eval.verifiers import answer_correct, format_correct
 
 
@@ -33,6 +36,27 @@ class TestAnswerCorrect:
 
     def test_empty_response_is_wrong(self):
         assert answer_correct("", "3") is False
+
+    def test_restating_the_question_is_not_the_answer(self):
+        # math-verify evaluates "19 + 25" to 44; a student trained on that reward learned to echo questions.
+        assert answer_correct("To calculate 19 + 25, we need to think of a", "44") is False
+        assert answer_correct("19 + 25", "44") is False
+        assert answer_correct("19 + 25 = 44", "44") is True
+
+    def test_thousands_separator_and_decimal_forms_of_the_number_count(self):
+        assert answer_correct("$\\boxed{1,000}$", "1000") is True
+        assert answer_correct("44.0", "44") is True
+
+    def test_a_non_numeric_ground_truth_is_left_to_math_verify(self):
+        assert answer_correct("$\\frac{1}{2}$", "1/2") is True
+
+    @settings(max_examples=60, deadline=None)
+    @given(a=st.integers(0, 999), b=st.integers(0, 999), op=st.sampled_from(["+", "-", "*"]),
+           said=st.integers(-2000, 999_000))
+    def test_arithmetic_answers(self, a, b, op, said):
+        truth = str(eval(f"{a} {op} {b}"))
+        assert answer_correct(f"To calculate {a} {op} {b}, we", truth) is (truth in (str(a), str(b)))
+        assert answer_correct(f"{a} {op} {b} = {said}", truth) is (str(said) == truth)
 
 
 class TestFormatCorrect:

@@ -179,20 +179,19 @@ def _build_trainer(cfg, out: Path, dataset, rubric, teacher, is_main: bool):
 
 
 def _share_cpu_with_local_teacher(cfg) -> None:
-    """On CPU, leave the in-process teacher its own cores: it grades while torch trains (judging ahead), and
-    oversubscribed cores slow both down."""
-    import os
-
+    """On CPU, leave an in-process teacher that grades while torch trains (judging ahead) its own cores:
+    oversubscribed cores slow both down. Without judging ahead they take turns, each with every core."""
     import torch
 
-    if cfg.teacher_weight <= 0 or cfg.teacher_backend != "local" or torch.cuda.is_available():
+    if (cfg.teacher_weight <= 0 or cfg.teacher_backend != "local" or cfg.judge_ahead_steps <= 0
+            or torch.cuda.is_available()):
         return
-    from grpo_llm_eval.teacher.local_backend import default_threads
+    from grpo_llm_eval.teacher.local_backend import default_threads, usable_cores
 
-    threads = max(1, (os.cpu_count() or 1) - default_threads())
+    threads = max(1, usable_cores() - default_threads())
     if threads < torch.get_num_threads():
         logger.info("torch uses %d of %d CPU threads; the local teacher the other %d.", threads,
-                    os.cpu_count(), default_threads())
+                    usable_cores(), default_threads())
         torch.set_num_threads(threads)
 
 

@@ -8,6 +8,8 @@ import re
 logger = logging.getLogger(__name__)
 
 _NUMBER = re.compile(r"-?\d+(?:[.,]\d+)?")
+_INTEGER = re.compile(r"-?\d+")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
 
 def _strip_thinking(text: str, think_close: str) -> str:
@@ -17,19 +19,34 @@ def _strip_thinking(text: str, think_close: str) -> str:
     return text
 
 
+def _states_number(answer: str, gold: str) -> bool:
+    """Whether ANSWER writes the number GOLD itself (thousands separators allowed), not only an expression of it."""
+    value = float(gold)
+    return any(float(n.replace(",", ".")) == value for n in _NUMBER.findall(_THOUSANDS.sub("", answer)))
+
+
 def answer_correct(response: str, ground_truth: str | None, think_close: str = "</think>") -> bool | None:
     """Whether the response's final answer equals the ground truth (None: no ground truth to check against).
 
     Uses math-verify (LaTeX and plain expressions, `\\boxed{}` included); falls back to comparing the last number.
+    Where the ground truth is an integer, the response must also write that integer: math-verify evaluates
+    expressions, so "To calculate 19 + 25, we" would otherwise count as the answer 44. A student trained on
+    this reward learned exactly that within 10 steps (see the README's Results). A decimal or symbolic ground
+    truth is left to math-verify, so "$\\frac{1}{2}$" still answers 0.5.
 
     >>> answer_correct("<think>3+4</think> The answer is $\\\\boxed{7}$", "7")
     True
     >>> answer_correct("It is 8", "7")
     False
+    >>> answer_correct("To calculate 3 + 4, we", "7")
+    False
     """
     if ground_truth is None or not str(ground_truth).strip():
         return None
     answer = _strip_thinking(response or "", think_close)
+    gold = str(ground_truth).strip()
+    if _INTEGER.fullmatch(gold) and not _states_number(answer, gold):
+        return False
     try:
         from math_verify import parse, verify
 

@@ -23,7 +23,7 @@ __all__ = ["Criterion", "Parsed", "Rubric", "fence", "render", "seed_criteria"]
 log = logging.getLogger(__name__)
 
 # Bump when fencing, prompt generation or parsing changes meaning, so cached grades are not reused.
-RUBRIC_VERSION = 2
+RUBRIC_VERSION = 3
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PLACEHOLDER = re.compile(r"\{(question|student_response|ground_truth)\}")
 # Where a JSON object with keys starts (`{"`, spaces allowed): the only places parse.py tries to decode one.
@@ -108,13 +108,13 @@ class Rubric:
     2.0
     """
 
-    def __init__(self, criteria: Sequence[Criterion], template: str | None = None):
+    def __init__(self, criteria: Sequence[Criterion], template: str | None = None, json_output: bool = False):
         self.criteria: list[Criterion] = list(criteria)
         self._validate()
         self.template = template if template is not None else self.generated_template()
         if "{student_response}" not in self.template:
             raise ValueError("Rubric template has no {student_response} placeholder; the teacher would never see the answer.")
-        if "<evaluation" not in self.template.lower():
+        if "<evaluation" not in self.template.lower() and not json_output:
             log.warning("Rubric template shows no <evaluation> XML format; grades can only be read from JSON output.")
         self._protected = _tag_pattern([*FENCE_TAGS, *self.names])
 
@@ -137,7 +137,10 @@ class Rubric:
 
         With custom criteria and the seed's prompt unchanged, the prompt is generated from the criteria
         (the seed's prompt names the seed's three); otherwise ``cfg.evaluation_prompt`` is used as is.
+        A template without the XML format is fine where grades come as JSON (structured output, or a local
+        teacher's forced-key logprob scores).
         """
+        json_output = bool(cfg.teacher_structured_output or (cfg.teacher_backend == "local" and cfg.teacher_logprob_scores))
         if cfg.criteria:
             criteria = [
                 Criterion(name=d["name"], weight=float(d.get("weight", 1.0)), description=str(d.get("description", "")),
@@ -145,9 +148,9 @@ class Rubric:
                 for d in cfg.criteria
             ]
             generated = cfg.evaluation_prompt == SEED_EVALUATION_PROMPT
-            return cls(criteria, None if generated else cfg.evaluation_prompt)
+            return cls(criteria, None if generated else cfg.evaluation_prompt, json_output)
         criteria = seed_criteria(cfg.thought_process_weight, cfg.answer_weight, cfg.format_weight)
-        return cls(criteria, cfg.evaluation_prompt)
+        return cls(criteria, cfg.evaluation_prompt, json_output)
 
     @property
     def names(self) -> list[str]:
@@ -195,7 +198,7 @@ class Rubric:
                 f'"{c.name}": {{"score": <number from {_num(c.min)} to {_num(c.max)}>, "explanation": "<one or two sentences>"}}'
                 for c in self.criteria
             )
-        return ("Answer format: instead of any XML format given above, reply with only one JSON object and nothing "
+        return ("Answer format: instead of any XML format the prompt gives, reply with only one JSON object and nothing "
                 f"else, shaped like this: {{{shape}}}")
 
     def messages(self, question: str, response: str, ground_truth: str | None, json_mode: bool = False,
@@ -212,6 +215,10 @@ class Rubric:
                                   self._protected),
         }
         content = render(self.template, values)
+        if json_mode and compact:
+            # First, as a system message: a local teacher then reuses the cached prompt up to the first
+            # text that differs between grades, instead of evaluating the instructions after it again.
+            return [{"role": "system", "content": self.json_instructions(compact)}, {"role": "user", "content": content}]
         if json_mode:
             content = content.rstrip("\n") + "\n\n" + self.json_instructions(compact) + "\n"
         return [{"role": "user", "content": content}]

@@ -1,0 +1,148 @@
+"""Logprob scores from a local llama.cpp teacher without decoding the grade: the JSON is forced, the scores are read.
+
+Grammar-constrained decoding (what ``teacher_structured_output`` does) makes a small teacher write parseable
+grades, but in llama-cpp-python it is the cost of a grade: every decoded token is checked against the grammar
+over the whole vocabulary (about 30 ms a token on one core for SmolLM2's 49k vocabulary, against 5 ms
+without), and most tokens of ``{"thought_process": 7, "answer": 3, ...}`` are keys the grammar forces anyway.
+
+Here the keys are not decoded at all. For each criterion the teacher reads the grade so far up to
+``"name": `` and one forward pass gives the next-token distribution; the probability of each integer on the
+criterion's scale is read from the digit tokens (one more pass for a first digit that can continue, such as
+the "1" of "10"), renormalised over the scale, and the criterion's score is the probability-weighted mean
+(the same meaning as ``teacher_logprob_scores`` has with an OpenAI server). The most likely integer is written
+into the grade before the next key, as greedy decoding would. An explanation of up to
+``max_feedback_new_tokens`` tokens is then decoded freely up to its closing quote. llama.cpp reuses the KV
+cache of the prompt prefix each pass shares with the previous one, so a grade costs the tokens that differ.
+
+It applies when every criterion's scale has integer ends within 0..99 and the teacher's tokenizer writes each
+digit as its own token after ``": `` (SmolLM2, Llama 3, Qwen do); ``ForcedScorer.supports`` says whether it
+does, and the backend otherwise falls back to grammar decoding with logprobs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+DIGITS = "0123456789"
+_KEY_END = '": '  # the forced text before a score
+
+
+def _scale(criterion) -> list[int] | None:
+    lo, hi = criterion.min, criterion.max
+    if not (float(lo).is_integer() and float(hi).is_integer()) or lo < 0 or hi > 99:
+        return None
+    return list(range(int(lo), int(hi) + 1))
+
+
+class ForcedScorer:
+    """Grades one chat prompt on a rubric with forced JSON keys and digit-token probabilities."""
+
+    def __init__(self, llm, rubric, explanation_tokens: int):
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self.llm = llm
+        self.rubric = rubric
+        self.explanation_tokens = max(0, int(explanation_tokens))
+        self._digit_ids = self._single_digit_tokens()
+        template = llm.metadata.get("tokenizer.chat_template")
+        self._formatter = None
+        if template:
+            eos = llm.detokenize([llm.token_eos()], special=True).decode("utf-8", "replace")
+            bos = llm.detokenize([llm.token_bos()], special=True).decode("utf-8", "replace")
+            self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+
+    def _tokens(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+
+    def _single_digit_tokens(self) -> list[int] | None:
+        """Each digit's token id, if each digit is one token that tokenizes the same after ``": ``."""
+        base = self.llm.tokenize(_KEY_END.encode(), add_bos=False, special=False)
+        ids = []
+        for d in DIGITS:
+            toks = self.llm.tokenize((_KEY_END + d).encode(), add_bos=False, special=False)
+            if toks[:-1] != base or len(self.llm.tokenize(d.encode(), add_bos=False, special=False)) != 1:
+                return None
+            ids.append(toks[-1])
+        return ids
+
+    @property
+    def supports(self) -> bool:
+        """Whether this teacher and rubric can be graded this way (else: grammar decoding)."""
+        return (self._formatter is not None and self._digit_ids is not None
+                and all(_scale(c) is not None for c in self.rubric.criteria))
+
+    def _next_token_probs(self, text: str) -> np.ndarray:
+        """Probabilities of the token after TEXT, evaluating only what differs from the cached prefix."""
+        import llama_cpp
+
+        llm = self.llm
+        tokens = self._tokens(text)
+        cached = llm.input_ids[: llm.n_tokens]
+        common = 0
+        for a, b in zip(cached, tokens, strict=False):
+            if a != b:
+                break
+            common += 1
+        llm.n_tokens = min(common, len(tokens) - 1)  # at least one token is evaluated, so logits are fresh
+        llm.eval(tokens[llm.n_tokens:])
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+        logits = logits.astype(np.float64)
+        logits -= logits.max()
+        probs = np.exp(logits)
+        return probs / probs.sum()
+
+    def _scale_probs(self, text: str, scale: list[int]) -> dict[int, float]:
+        """P(value) for each integer of SCALE written after TEXT, before renormalisation."""
+        strings = {v: str(v) for v in scale}
+        out: dict[int, float] = {}
+
+        def walk(prefix: str, mass: float) -> None:
+            probs = self._next_token_probs(text + prefix)
+            digit = probs[self._digit_ids]
+            stop = max(0.0, 1.0 - float(digit.sum()))  # anything but a digit ends the number
+            if prefix and prefix in strings.values():
+                value = int(prefix)
+                longer = any(s.startswith(prefix) and len(s) > len(prefix) for s in strings.values())
+                out[value] = mass * (stop if longer else 1.0)
+            for d, p in zip(DIGITS, digit, strict=True):
+                nxt = prefix + d
+                if nxt == "0" * len(nxt) and len(nxt) > 1:
+                    continue
+                if not any(s.startswith(nxt) for s in strings.values()):
+                    continue
+                if any(s.startswith(nxt) and len(s) > len(nxt) for s in strings.values()):
+                    walk(nxt, mass * float(p))
+                else:
+                    out[int(nxt)] = out.get(int(nxt), 0.0) + mass * float(p)
+
+        walk("", 1.0)
+        return out
+
+    def grade(self, messages: list[dict]) -> tuple[str, dict[str, float | None]]:
+        """(the grade as JSON text, each criterion's probability-weighted score or None)."""
+        prompt = self._formatter(messages=messages).prompt
+        text = ""
+        scores: dict[str, float | None] = {}
+        for i, c in enumerate(self.rubric.criteria):
+            text += ("{" if i == 0 else ", ") + json.dumps(c.name)[:-1] + _KEY_END
+            probs = self._scale_probs(prompt + text, _scale(c))
+            total = sum(probs.values())
+            if not total > 0 or not math.isfinite(total):
+                scores[c.name] = None
+                text += str(int(c.min))
+                continue
+            scores[c.name] = sum(v * p for v, p in probs.items()) / total
+            text += str(max(probs, key=probs.get))
+        if self.explanation_tokens:
+            text += ', "explanation": "'
+            out = self.llm.create_completion(prompt + text, max_tokens=self.explanation_tokens, temperature=0.0,
+                                             stop=['"'])
+            text += json.dumps(out["choices"][0]["text"])[1:]
+        else:
+            text += "}"
+        if not text.endswith("}"):
+            text += "}"
+        return text, scores
