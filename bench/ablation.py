@@ -4,7 +4,7 @@ Each arm trains the bundled SmolLM2-135M-Instruct from the offline default (conf
 same number of minutes, one after the other (never two at once: they would share the CPU):
 
     plain_trl        trl.GRPOTrainer with an exact-answer reward only (bench/plain_trl_arithmetic.py), lr 1e-5
-    plain_trl_lr3e-5 the same at the offline default's learning rate
+    plain_trl_lr3e-5 the same at a 3x higher learning rate
     verifier_only    ours, teacher_weight=0 (math-verify answer check only)
     teacher_only     ours, the bundled 135M teacher's rubric only (verifier_answer_weight=0)
     both             ours, the offline default: 0.1 x teacher rubric + 1.0 x answer check
@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 BASE = "bundled:smollm2-135m-instruct"
 ARMS = {
     "plain_trl": ["learning_rate=1e-5"],  # the baseline
-    "plain_trl_lr3e-5": ["learning_rate=3e-5"],  # the baseline at the default's learning rate
+    "plain_trl_lr3e-5": ["learning_rate=3e-5"],  # does a higher learning rate learn faster? (no: see README)
     "verifier_only": ["teacher_weight=0"],
     "teacher_only": ["verifier_answer_weight=0"],
     "both": [],
@@ -143,6 +143,7 @@ def main() -> int:
     parser.add_argument("--teacher-limit", type=int, default=100, help="problems graded by the 135M teacher (0: skip)")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma list; default: all")
     parser.add_argument("--skip-training", action="store_true", help="evaluate arms already trained in --out")
+    parser.add_argument("--train-only", action="store_true", help="train the arms, evaluate later (--skip-training)")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -153,6 +154,8 @@ def main() -> int:
         if not args.skip_training:
             print(f"training {name} for {args.minutes:g} minutes...", flush=True)
             train_arm(name, out, args.minutes, args.steps)
+    if args.train_only:
+        return 0
     curves = {n: steps_and_curve(n, out)[1] for n in names}
     summary = evaluate([BASE] + [model_of(n, out) for n in names], out, args.limit, teacher=False)
     teacher = (evaluate([BASE, model_of("both", out)], out, args.teacher_limit, teacher=True)

@@ -106,7 +106,7 @@ class Config:
     teacher_max_retries: int = _f(3, "Retries of a failed teacher call (backoff honours Retry-After).", min=0)
     teacher_max_concurrency: int = _f(32, "Teacher calls in flight at once across the whole batch (split evenly across processes under accelerate).", min=1)
     teacher_structured_output: bool = _f(False, "Ask for JSON-schema-constrained grades (response_format); falls back if refused.")
-    teacher_logprob_scores: bool = _f(False, "Score = probability-weighted mean over score tokens (needs top_logprobs).")
+    teacher_logprob_scores: bool = _f(False, "Score = probability-weighted mean over score tokens (openai: needs top_logprobs; local: JSON keys forced, no grammar decoding).")
     teacher_weight: float = _f(1.0, "Weight of the teacher's rubric reward among all rewards.", min=0.0)
     teacher_cache: bool = _f(True, "Answer repeated (model, rubric, prompt, response) from the run's cache.")
     judge_ahead_steps: int = _f(1, "Grade each batch in the background and train on it this many updates after sampling it, so judging overlaps training and generation (importance-corrected); 0: wait for the grades, as the seed.", min=0)
