@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from grpo_llm_eval.config import SEED_EVALUATION_PROMPT
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -64,6 +66,8 @@ def tiny_overrides(model: str, out: Path, **extra) -> list[str]:
         "teacher_backend": "openai", "teacher_model_name": "teacher", "teacher_timeout_s": 5,
         "teacher_max_retries": 1, "verifier_answer_weight": 0.0, "teacher_structured_output": False,
         "max_feedback_new_tokens": 512, "teacher_weight": 1.0,
+        # The offline default's local-teacher choices, back to the library defaults for a served teacher.
+        "teacher_logprob_scores": False, "judge_ahead_steps": 1, "evaluation_prompt": SEED_EVALUATION_PROMPT,
     }
     base.update(extra)
     import json
