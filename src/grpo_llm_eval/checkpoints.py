@@ -8,11 +8,13 @@ last line is dropped: the files then hold each step exactly once.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from grpo_llm_eval.records import dumps
@@ -26,6 +28,53 @@ _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 class ResumeError(Exception):
     """Nothing to resume, or the resume target is not a run; the message says what to pass instead."""
+
+
+class SaveError(Exception):
+    """A checkpoint or the final model could not be written because the disk is full; says where and what to do."""
+
+
+# What a full disk looks like from the writers: OSError ENOSPC/EDQUOT (Python), safetensors' "(os error 28)",
+# and torch's zip writer, which reports a short write as "unexpected pos N vs M" or "file write failed". A
+# file-size limit (ulimit -f: EFBIG) fails the same writes the same way.
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_FULL_TEXTS = ("no space left", "unexpected pos", "file write failed", "disk quota", "file too large")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether EXC (or an exception it was raised from) is a write that failed for lack of disk space."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if getattr(exc, "errno", None) in _FULL_ERRNOS or any(s in str(exc).lower() for s in _FULL_TEXTS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def free_mib(path: Path) -> float:
+    """Free space of the filesystem holding PATH (or its nearest existing parent), in MiB."""
+    path = Path(path).resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free / 2**20
+
+
+@contextmanager
+def saving(folder: Path, what: str, keep_note: str = ""):
+    """Run a save into FOLDER; a full disk becomes a SaveError naming FOLDER and the fix, and the partial FOLDER
+    is removed (it would load as a broken model or checkpoint). Any other error passes through unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        shutil.rmtree(folder, ignore_errors=True)
+        raise SaveError(
+            f"writing {what} to {folder} failed: the disk is full or a file-size limit was reached "
+            f"({free_mib(folder):.0f} MiB free after removing the partial write). Free space there, or set "
+            f"output_dir to a larger disk (fewer checkpoints: "
+            f"save_total_limit){'; ' + keep_note if keep_note else ''}.") from None
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

@@ -67,14 +67,14 @@ def _setup_logging(debug: bool) -> None:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from grpo_llm_eval.checkpoints import ResumeError
+    from grpo_llm_eval.checkpoints import ResumeError, SaveError
     from grpo_llm_eval.data import DataError
     from grpo_llm_eval.models import ModelError
     from grpo_llm_eval.run_dir import RunDirError
     from grpo_llm_eval.teacher.types import TeacherUnavailable
     from grpo_llm_eval.train import TrainingAborted
 
-    return DataError, ModelError, RunDirError, TeacherUnavailable, ResumeError, TrainingAborted
+    return DataError, ModelError, RunDirError, TeacherUnavailable, ResumeError, SaveError, TrainingAborted
 
 
 def _resume_config(args):

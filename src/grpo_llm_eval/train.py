@@ -10,8 +10,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from grpo_llm_eval import checkpoints, models, run_dir
 from grpo_llm_eval import data as data_mod
-from grpo_llm_eval import models, run_dir
 from grpo_llm_eval.teacher import build_teacher
 from grpo_llm_eval.teacher.rubric import Rubric
 
@@ -141,8 +141,6 @@ def _prepare_run(cfg, resume):
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from grpo_llm_eval import checkpoints
-
     # cpu= as TrainingArguments decides it later: without it, processes launched on CPUs would not join one
     # group, and each would take itself for the main process.
     state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -250,12 +248,15 @@ def _raise_if_stopped(trainer, cfg, out: Path, stopper, guard) -> None:
 def save_final(trainer, cfg, out: Path) -> Path | None:
     """final/ loads with from_pretrained (the adapter with LoRA; plus final/merged/ when asked)."""
     final = out / "final"
-    trainer.save_model(str(final))
-    if trainer.accelerator.is_main_process:
-        trainer.processing_class.save_pretrained(str(final))
-        if cfg.lora.enabled and cfg.lora.merge_on_save:
-            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-            merged.save_pretrained(str(final / "merged"))
-            trainer.processing_class.save_pretrained(str(final / "merged"))
+    earlier = checkpoints.checkpoints(out)
+    note = f"the last checkpoint is {earlier[-1]}" if earlier else "no checkpoint of this run was written"
+    with checkpoints.saving(final, "the final model", note):
+        trainer.save_model(str(final))
+        if trainer.accelerator.is_main_process:
+            trainer.processing_class.save_pretrained(str(final))
+            if cfg.lora.enabled and cfg.lora.merge_on_save:
+                merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+                merged.save_pretrained(str(final / "merged"))
+                trainer.processing_class.save_pretrained(str(final / "merged"))
     trainer.accelerator.wait_for_everyone()
     return final

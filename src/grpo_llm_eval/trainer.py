@@ -198,8 +198,12 @@ class TeacherGRPOTrainer(GRPOTrainer):
         name = f"checkpoint-{self.state.global_step}"
         staging = run / checkpoints.STAGING
         self._staging = str(staging)
+        earlier = checkpoints.checkpoints(run)
+        note = (f"the run's earlier checkpoints are intact (resume from {earlier[-1]} with --resume)" if earlier
+                else "no earlier checkpoint was written")
         try:
-            super()._save_checkpoint(model, trial)
+            with checkpoints.saving(staging, f"checkpoint {name}", note):
+                super()._save_checkpoint(model, trial)
         finally:
             self._staging = None
         if self.rollouts.depth > 0:  # each process's sampled, not yet trained rollouts
