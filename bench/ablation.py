@@ -18,6 +18,7 @@ Then `grpo_llm_eval evaluate` grades greedy answers to the first --limit test pr
 OUT/ablation.json, OUT/reward_over_steps.svg and one log per arm.
 
     python bench/ablation.py --minutes 10 --out runs/ablation        # about 90 minutes on 2 cores
+    python bench/ablation.py --minutes 25 --arms both,plain_trl --out runs/ablation25   # the README's headline
 """
 
 from __future__ import annotations
