@@ -31,7 +31,7 @@ class ResumeError(Exception):
 
 
 class SaveError(Exception):
-    """A checkpoint or the final model could not be written because the disk is full; says where and what to do."""
+    """A checkpoint or the final model could not be written for lack of room; says where and what to do."""
 
 
 # What a full disk looks like from the writers: OSError ENOSPC/EDQUOT (Python), safetensors' "(os error 28)",
@@ -61,20 +61,23 @@ def free_mib(path: Path) -> float:
 
 
 @contextmanager
-def saving(folder: Path, what: str, keep_note: str = ""):
-    """Run a save into FOLDER; a full disk becomes a SaveError naming FOLDER and the fix, and the partial FOLDER
-    is removed (it would load as a broken model or checkpoint). Any other error passes through unchanged."""
+def saving(folder: Path, what: str, run_dir: Path):
+    """Run a save into FOLDER of the run RUN_DIR; a full disk becomes a SaveError naming FOLDER, the fix and the
+    run's last intact checkpoint, and the partial FOLDER is removed (it would load as a broken model or
+    checkpoint). Any other error passes through unchanged."""
     try:
         yield
     except Exception as exc:
         if not is_disk_full(exc):
             raise
         shutil.rmtree(folder, ignore_errors=True)
+        earlier = checkpoints(run_dir)
+        intact = (f"the run's earlier checkpoints are intact (resume from {earlier[-1]} with --resume)" if earlier
+                  else "no earlier checkpoint of this run was written")
         raise SaveError(
             f"writing {what} to {folder} failed: the disk is full or a file-size limit was reached "
             f"({free_mib(folder):.0f} MiB free after removing the partial write). Free space there, or set "
-            f"output_dir to a larger disk (fewer checkpoints: "
-            f"save_total_limit){'; ' + keep_note if keep_note else ''}.") from None
+            f"output_dir to a larger disk (fewer checkpoints: save_total_limit); {intact}.") from None
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

@@ -248,9 +248,7 @@ def _raise_if_stopped(trainer, cfg, out: Path, stopper, guard) -> None:
 def save_final(trainer, cfg, out: Path) -> Path | None:
     """final/ loads with from_pretrained (the adapter with LoRA; plus final/merged/ when asked)."""
     final = out / "final"
-    earlier = checkpoints.checkpoints(out)
-    note = f"the last checkpoint is {earlier[-1]}" if earlier else "no checkpoint of this run was written"
-    with checkpoints.saving(final, "the final model", note):
+    with checkpoints.saving(final, "the final model", out):
         trainer.save_model(str(final))
         if trainer.accelerator.is_main_process:
             trainer.processing_class.save_pretrained(str(final))

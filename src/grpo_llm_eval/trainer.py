@@ -198,11 +198,8 @@ class TeacherGRPOTrainer(GRPOTrainer):
         name = f"checkpoint-{self.state.global_step}"
         staging = run / checkpoints.STAGING
         self._staging = str(staging)
-        earlier = checkpoints.checkpoints(run)
-        note = (f"the run's earlier checkpoints are intact (resume from {earlier[-1]} with --resume)" if earlier
-                else "no earlier checkpoint was written")
         try:
-            with checkpoints.saving(staging, f"checkpoint {name}", note):
+            with checkpoints.saving(staging, f"checkpoint {name}", run):
                 super()._save_checkpoint(model, trial)
         finally:
             self._staging = None
