@@ -3,8 +3,10 @@
 Each arm trains the bundled SmolLM2-135M-Instruct from the offline default (configs/offline.yaml) for the
 same number of minutes, one after the other (never two at once: they would share the CPU):
 
-    plain_trl        trl.GRPOTrainer with an exact-answer reward only (bench/plain_trl_arithmetic.py), lr 1e-5
-    plain_trl_lr3e-5 the same at a 3x higher learning rate
+    plain_trl        trl.GRPOTrainer with an exact-answer reward only (bench/plain_trl_arithmetic.py), lr 1e-5,
+                     TRL's own advantage scaling (scale_rewards: group), as a TRL user would run it
+    plain_trl_batch  the same with the offline default's scale_rewards: batch (only the trainer and reward differ)
+    plain_trl_lr3e-5 plain_trl at a 3x higher learning rate
     verifier_only    ours, teacher_weight=0 (math-verify answer check only)
     teacher_only     ours, the bundled 135M teacher's rubric only (verifier_answer_weight=0)
     both             ours, the offline default: 0.1 x teacher rubric + 1.0 x answer check
@@ -14,11 +16,11 @@ same number of minutes, one after the other (never two at once: they would share
 
 Then `grpo_llm_eval evaluate` grades greedy answers to the first --limit test problems of every model
 (answer accuracy, Wilson 95% intervals, exact McNemar test against the base model, and `both` against
-`plain_trl`), and the base and `both` models again with the 135M teacher for the mean teacher reward. Prints a Markdown table; writes
+each plain-TRL arm), and the base and `both` models again with the 135M teacher for the mean teacher reward. Prints a Markdown table; writes
 OUT/ablation.json, OUT/reward_over_steps.svg and one log per arm.
 
     python bench/ablation.py --minutes 10 --out runs/ablation        # about 90 minutes on 2 cores
-    python bench/ablation.py --minutes 25 --arms both,plain_trl --out runs/ablation25   # the README's headline
+    python bench/ablation.py --minutes 25 --arms both,plain_trl,plain_trl_batch --out runs/ablation25   # the headline
 """
 
 from __future__ import annotations
@@ -35,8 +37,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BASE = "bundled:smollm2-135m-instruct"
 ARMS = {
-    "plain_trl": ["learning_rate=1e-5"],  # the issue's baseline
-    "plain_trl_lr3e-5": ["learning_rate=3e-5"],  # does a higher learning rate learn faster? (no: see README)
+    # The issue's baseline: its settings, and TRL's defaults for the rest (the offline config's `trl:` section
+    # would otherwise reach plain TRL through grpo_args).
+    "plain_trl": ["learning_rate=1e-5", "trl.scale_rewards=group"],
+    "plain_trl_batch": ["learning_rate=1e-5", "trl.scale_rewards=batch"],
+    "plain_trl_lr3e-5": ["learning_rate=3e-5", "trl.scale_rewards=group"],  # learns faster? (no: see README)
     "verifier_only": ["teacher_weight=0"],
     "teacher_only": ["verifier_answer_weight=0"],
     "both": [],
@@ -44,7 +49,7 @@ ARMS = {
     "scripted_teacher": ["teacher_backend=openai", "teacher_model_name=teacher", "verifier_answer_weight=0",
                          "max_feedback_new_tokens=512", "teacher_logprob_scores=false"],
 }
-PLAIN = ("plain_trl", "plain_trl_lr3e-5")
+PLAIN = ("plain_trl", "plain_trl_batch", "plain_trl_lr3e-5")
 
 
 def free_port() -> int:
@@ -88,6 +93,12 @@ def train_arm(name: str, out: Path, minutes: float, steps: int) -> None:
         if server is not None:
             server.terminate()
             server.wait()
+
+
+def read_budgets(out: Path) -> dict[str, float]:
+    """Each arm's training budget in minutes, as recorded when it was trained (OUT/budgets.json)."""
+    path = out / "budgets.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def model_of(name: str, out: Path) -> str:
@@ -155,9 +166,13 @@ def main() -> int:
         if not args.skip_training:
             print(f"training {name} for {args.minutes:g} minutes...", flush=True)
             train_arm(name, out, args.minutes, args.steps)
+            budgets = read_budgets(out)
+            budgets[name] = args.minutes  # what each arm was trained for, read back when evaluating later
+            (out / "budgets.json").write_text(json.dumps(budgets, indent=1))
     if args.train_only:
         return 0
     curves = {n: steps_and_curve(n, out)[1] for n in names}
+    budgets = read_budgets(out)
     summary = evaluate([BASE] + [model_of(n, out) for n in names], out, args.limit, teacher=False)
     teacher = (evaluate([BASE, model_of("both", out)], out, args.teacher_limit, teacher=True)
                if "both" in names and args.teacher_limit > 0 else None)
@@ -174,23 +189,25 @@ def main() -> int:
         diff = (comps.get(entry["model"], {}).get("metrics") or {}).get("answer_accuracy")
         vs = f"{diff['diff']:+.2f} [{diff['ci_low']:+.2f}, {diff['ci_high']:+.2f}], p={diff['p_value']:.2g}" if diff else ""
         lines.append(f"| {name} | {steps_and_curve(name, out)[0]} | {fmt(acc)} | {vs} |")
-        table[name] = {"accuracy": acc, "vs_base": diff, "steps": steps_and_curve(name, out)[0]}
-    if "both" in names and "plain_trl" in names:  # the default against the issue's baseline, paired over problems
+        table[name] = {"accuracy": acc, "vs_base": diff, "steps": steps_and_curve(name, out)[0],
+                       "minutes": budgets.get(name)}
+    if "both" in names:  # the default against each plain-TRL arm, paired over the same problems
         from grpo_llm_eval.evaluate import summarize
 
         rows = [json.loads(line) for line in (out / "eval" / "eval_rollouts.jsonl").read_text().splitlines() if line]
-        pair = [model_of("plain_trl", out), model_of("both", out)]
-        vs = summarize(rows, pair, ["thought_process", "answer", "format"], 1, 42)["comparisons"][0]
-        d = vs["metrics"]["answer_accuracy"]
-        lines.append(f"\nboth - plain_trl: {d['diff']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}], "
-                     f"p={d['p_value']:.2g} ({d['test']})")
-        table["both_vs_plain_trl"] = d
+        for plain in (n for n in PLAIN if n in names):
+            pair = [model_of(plain, out), model_of("both", out)]
+            vs = summarize(rows, pair, ["thought_process", "answer", "format"], 1, 42)["comparisons"][0]
+            d = vs["metrics"]["answer_accuracy"]
+            lines.append(f"\nboth - {plain}: {d['diff']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}], "
+                         f"p={d['p_value']:.2g} ({d['test']})")
+            table[f"both_vs_{plain}"] = d
     if teacher:
         t = [m["metrics"]["teacher_reward"] for m in teacher["models"]]
         lines.append(f"\nMean 135M-teacher reward, base {fmt(t[0])} -> both {fmt(t[1])}")
         table["teacher_reward"] = {"base": t[0], "both": t[1], "comparisons": teacher.get("comparisons")}
-    (out / "ablation.json").write_text(json.dumps({"minutes": args.minutes, "limit": args.limit, "arms": table},
-                                                  indent=1))
+    minutes = sorted({budgets[n] for n in names if n in budgets})
+    (out / "ablation.json").write_text(json.dumps({"minutes": minutes, "limit": args.limit, "arms": table}, indent=1))
     print("\n".join(lines))
     return 0
 
