@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -137,6 +138,8 @@ def main() -> int:
     parser.add_argument("--latencies", default="", help="teacher latencies in s (default 2,10)")
     parser.add_argument("--arms", default="", help="comma list of arm names to run (default: all)")
     parser.add_argument("--json", default="", help="also write the results here")
+    parser.add_argument("--keep-work", action="store_true",
+                        help="keep the temporary folder of run outputs (several GB a run), removed by default")
     args = parser.parse_args()
     args.prompts, args.group = (4, 8) if args.gpu else (2, 4)
     args.tokens = 256 if args.gpu else 16
@@ -146,24 +149,30 @@ def main() -> int:
     from grpo_llm_eval.models import convert_bundled
 
     work = Path(tempfile.mkdtemp(prefix="step-time-"))
-    model = build_gpu_model(work / "model") if args.gpu else str(convert_bundled("smollm2-135m-instruct",
-                                                                                  "~/.cache/grpo_llm_eval"))
-    names = ["trl_instant"]
-    for lat in latencies:
-        names += [f"trl_group@{lat:g}s", f"ours@{lat:g}s d=1"]
-    arms = [parse_arm(n) for n in ([a for a in args.arms.split(",") if a] or names)]
-    results = []
-    for name, latency, how in arms:
-        try:
-            row = run_arm(args, model, work, name, latency, how)
-        except Exception as exc:  # one broken arm must not lose the others' numbers
-            print(f"{name}: FAILED {type(exc).__name__}: {exc}", flush=True)
-            continue
-        results.append(row)
-        print(f"{name:18s} step {row['step_s']:7.2f} s  (first {row['first_step_s']:.1f} s, "
-              f"{row['teacher_calls']} teacher calls)", flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps({"gpu": args.gpu, "results": results}, indent=1))
+    try:
+        model = build_gpu_model(work / "model") if args.gpu else str(convert_bundled("smollm2-135m-instruct",
+                                                                                      "~/.cache/grpo_llm_eval"))
+        names = ["trl_instant"]
+        for lat in latencies:
+            names += [f"trl_group@{lat:g}s", f"ours@{lat:g}s d=1"]
+        arms = [parse_arm(n) for n in ([a for a in args.arms.split(",") if a] or names)]
+        results = []
+        for name, latency, how in arms:
+            try:
+                row = run_arm(args, model, work, name, latency, how)
+            except Exception as exc:  # one broken arm must not lose the others' numbers
+                print(f"{name}: FAILED {type(exc).__name__}: {exc}", flush=True)
+                continue
+            results.append(row)
+            print(f"{name:18s} step {row['step_s']:7.2f} s  (first {row['first_step_s']:.1f} s, "
+                  f"{row['teacher_calls']} teacher calls)", flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"gpu": args.gpu, "results": results}, indent=1))
+    finally:
+        if args.keep_work:
+            print(f"run outputs kept in {work}", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     report(results, latencies)
     return 0
 
