@@ -162,23 +162,22 @@ def main() -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     names = [a for a in args.arms.split(",") if a]
+    budgets = read_budgets(out)
     for name in names:
         if name not in ARMS:
             raise SystemExit(f"unknown arm {name!r}; choose from {', '.join(ARMS)}")
         if not args.skip_training:
             print(f"training {name} for {args.minutes:g} minutes...", flush=True)
             train_arm(name, out, args.minutes, args.steps)
-            budgets = read_budgets(out)
             budgets[name] = args.minutes  # what each arm was trained for, read back when evaluating later
             (out / "budgets.json").write_text(json.dumps(budgets, indent=1))
     if args.train_only:
         return 0
-    curves = {n: steps_and_curve(n, out)[1] for n in names}
-    budgets = read_budgets(out)
+    runs = {n: steps_and_curve(n, out) for n in names}  # (steps, curve), each metrics file read once
     summary = evaluate([BASE] + [model_of(n, out) for n in names], out, args.limit, teacher=False)
     teacher = (evaluate([BASE, model_of("both", out)], out, args.teacher_limit, teacher=True)
                if "both" in names and args.teacher_limit > 0 else None)
-    plot(curves, out / "reward_over_steps.svg")
+    plot({n: curve for n, (_, curve) in runs.items()}, out / "reward_over_steps.svg")
 
     models = summary["models"]
     comps = {c["model"]: c for c in summary.get("comparisons", [])}
@@ -190,9 +189,8 @@ def main() -> int:
         acc = entry["metrics"]["answer_accuracy"]
         diff = (comps.get(entry["model"], {}).get("metrics") or {}).get("answer_accuracy")
         vs = f"{diff['diff']:+.2f} [{diff['ci_low']:+.2f}, {diff['ci_high']:+.2f}], p={diff['p_value']:.2g}" if diff else ""
-        lines.append(f"| {name} | {steps_and_curve(name, out)[0]} | {fmt(acc)} | {vs} |")
-        table[name] = {"accuracy": acc, "vs_base": diff, "steps": steps_and_curve(name, out)[0],
-                       "minutes": budgets.get(name)}
+        lines.append(f"| {name} | {runs[name][0]} | {fmt(acc)} | {vs} |")
+        table[name] = {"accuracy": acc, "vs_base": diff, "steps": runs[name][0], "minutes": budgets.get(name)}
     if "both" in names:  # the default against each plain-TRL arm, paired over the same problems
         from grpo_llm_eval.evaluate import summarize
 
