@@ -47,13 +47,14 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve(log_path: Path, logits_all: bool):
-    """`python -m llama_cpp.server` on the bundled GGUF; yields its base URL; always stopped afterwards.
+    """llama.cpp's server on the bundled GGUF, started as the docs start it (`python -m grpo_llm_eval.teacher.llamacpp`,
+    which is `python -m llama_cpp.server` with the portable model defaults); yields its base URL; always stopped.
 
     logits_all: llama-cpp-python needs it for logprobs, and it costs the logits of every prompt token
     (prompt x 49k vocabulary), several times slower on a small CPU; so it is on only where logprobs are asked.
     """
     port = free_port()
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(bundled_gguf_path("smollm2-135m-instruct")),
+    command = [sys.executable, "-m", "grpo_llm_eval.teacher.llamacpp", "--model", str(bundled_gguf_path("smollm2-135m-instruct")),
                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--model_alias", ALIAS,
                # One thread: on a busy 2-core machine llama.cpp's spinning threads slow each other down 2-7x.
                "--n_threads", "1", "--n_threads_batch", "1", "--logits_all", str(logits_all).lower()]
@@ -74,6 +75,8 @@ def serve(log_path: Path, logits_all: bool):
                     pytest.fail(f"llama_cpp.server did not answer /v1/models in 180 s: {log_path.read_text()[-2000:]}")
                 time.sleep(0.5)
         assert served == [ALIAS]
+        # The portable load (no AMX or repacked weights: teacher/llamacpp.py) holds in the server too.
+        assert "use_extra_bufts=False" in log_path.read_text(errors="replace")
         yield url
     finally:
         proc.terminate()
@@ -126,7 +129,11 @@ class TestGradingThroughLlamaCppServer:
         assert_in_range(judgements)
         # llama-cpp-python's server refuses OpenAI's json_schema (with a 500); the schema goes as json_object.
         assert teacher.structured and teacher.structured_format == "json_object"
-        assert all(isinstance(json.loads(j.raw, strict=False), dict) for j in judgements)
+        grades = [json.loads(j.raw, strict=False) for j in judgements]
+        # Explanations are bounded in the schema, so a rambling 135M teacher cannot run past the token limit:
+        # without the bound, one of these four grades was cut at 192 tokens on an AMD EPYC machine (unparseable).
+        bound = teacher.rubric.explanation_chars_within(192)
+        assert all(len(g[name]["explanation"]) <= bound for g in grades for name in teacher.rubric.names)
 
     def test_logprob_scores_are_used_where_the_server_returns_top_logprobs(self, llama_server_with_logprobs):
         teacher = teacher_for(llama_server_with_logprobs, teacher_logprob_scores=True)

@@ -131,7 +131,20 @@ def run_report(args) -> int:
     return 0
 
 
+def _enable_faulthandler() -> None:
+    """A crash in native code (llama.cpp, torch) prints where it happened instead of dying without a word."""
+    import faulthandler
+
+    if faulthandler.is_enabled():
+        return
+    try:
+        faulthandler.enable()
+    except (AttributeError, OSError, ValueError):  # a stderr with no file descriptor (captured, embedded)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    _enable_faulthandler()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
         argv = ["train", *argv]  # train is the default command

@@ -177,19 +177,21 @@ def _build_trainer(cfg, out: Path, dataset, rubric, teacher, is_main: bool):
 
 
 def _share_cpu_with_local_teacher(cfg) -> None:
-    """On CPU, leave an in-process teacher that grades while torch trains (judging ahead) its own cores:
-    oversubscribed cores slow both down. Without judging ahead they take turns, each with every core."""
+    """On CPU, keep torch within this process's share of the cores (every core for one process; the machine's
+    cores over the processes launched on it otherwise), less the cores of an in-process teacher that grades
+    while torch trains (judging ahead): oversubscribed cores slow both down. Without judging ahead the teacher
+    and torch take turns, each with the whole share. Lowers torch's threads, never raises them."""
     import torch
 
-    if (cfg.teacher_weight <= 0 or cfg.teacher_backend != "local" or cfg.judge_ahead_steps <= 0
-            or torch.cuda.is_available()):
+    if torch.cuda.is_available():
         return
-    from grpo_llm_eval.teacher.local_backend import default_threads, usable_cores
+    from grpo_llm_eval.teacher.local_backend import cores_per_process, default_threads, usable_cores
 
-    threads = max(1, usable_cores() - default_threads())
+    concurrent = cfg.teacher_weight > 0 and cfg.teacher_backend == "local" and cfg.judge_ahead_steps > 0
+    threads = max(1, cores_per_process() - (default_threads() if concurrent else 0))
     if threads < torch.get_num_threads():
-        logger.info("torch uses %d of %d CPU threads; the local teacher the other %d.", threads,
-                    usable_cores(), default_threads())
+        logger.info("torch uses %d of %d CPU threads (this process's share: %d cores%s).", threads, usable_cores(),
+                    cores_per_process(), "; the local teacher the rest" if concurrent else "")
         torch.set_num_threads(threads)
 
 

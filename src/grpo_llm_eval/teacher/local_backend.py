@@ -18,6 +18,7 @@ from pathlib import Path
 
 from grpo_llm_eval.teacher.grading import judgement_from_completion
 from grpo_llm_eval.teacher.local_scores import ForcedScorer
+from grpo_llm_eval.teacher.probe import check_in_child
 from grpo_llm_eval.teacher.types import Judgement, JudgeRequest, TeacherUnavailable
 
 logger = logging.getLogger(__name__)
@@ -47,42 +48,61 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def cores_per_process() -> int:
+    """This process's share of the machine's cores: the usable cores over the processes launched on this machine
+    (torchrun and accelerate set LOCAL_WORLD_SIZE). Two processes that each took every core for llama.cpp and
+    torch spun at each other's barriers: the README's two-process CPU command wrote no step in 8 minutes."""
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, usable_cores() // local)
+
+
 def default_threads(concurrent: bool = True) -> int:
-    """llama.cpp threads: half the usable cores where the teacher grades while torch trains, else all of them.
+    """llama.cpp threads: half this process's cores where the teacher grades while torch trains, else all of them.
 
     llama.cpp's threads wait for each other at every layer; when one of them is descheduled (the machine
     is shared, or the trainer runs beside it) all wait. Measured on a shared 2-core machine with the trainer
     beside it: 2 s per grade with 1 thread, 229 s with 2. So a teacher that grades while the trainer works
     (``judge_ahead_steps`` > 0) takes half the cores; one that grades while the trainer waits takes them all
-    (0.48 s against 0.80 s per grade on 2 cores, the offline default's forced-key scores).
+    (0.48 s against 0.80 s per grade on 2 cores, the offline default's forced-key scores). With several
+    processes on one machine, each process's share (`cores_per_process`) is what is split.
     """
-    cores = usable_cores()
+    cores = cores_per_process()
     return max(1, cores // 2) if concurrent else cores
 
 
 class LocalTeacher:
     """Teacher protocol over an in-process llama.cpp model."""
 
-    def __init__(self, cfg, rubric, n_ctx: int = 4096, n_threads: int | None = None):
+    def __init__(self, cfg, rubric, n_ctx: int = 4096, n_threads: int | None = None, verbose: bool = False):
         self.cfg = cfg
         self.rubric = rubric
         self.path = resolve_gguf(cfg.teacher_model_name)
         self.n_ctx = n_ctx
+        self.verbose = verbose  # llama.cpp's own load and timing log on stderr
         self.n_threads = n_threads or default_threads(concurrent=cfg.judge_ahead_steps > 0)
         self._llm = None
         self._scorer: ForcedScorer | None = None
         self._lock = threading.Lock()
         self._closing = threading.Event()  # set by aclose: a batch in progress stops after its current grade
+        self.check_in_child = True  # health_check grades once in a child process first (teacher/probe.py)
 
     def _load(self, logits_all: bool):
-        from llama_cpp import Llama
+        from grpo_llm_eval.teacher.llamacpp import load_llama
 
-        return Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.n_threads,
-                     n_threads_batch=self.n_threads, logits_all=logits_all, seed=self.cfg.seed, verbose=False)
+        return load_llama(str(self.path), n_ctx=self.n_ctx, n_threads=self.n_threads, n_threads_batch=self.n_threads,
+                          logits_all=logits_all, seed=self.cfg.seed, verbose=self.verbose)
+
+    def load(self):
+        """The model, loaded on first use (with the forced-key scorer where it applies)."""
+        return self._model()
 
     def _model(self):
         if self._llm is None:
             self._llm = self._load(logits_all=False)
+            logger.info("Local teacher %s: %d llama.cpp threads.", self.path.name, self.n_threads)
             if self.cfg.teacher_logprob_scores:
                 scorer = ForcedScorer(self._llm, self.rubric, self.cfg.max_feedback_new_tokens)
                 if scorer.supports:
@@ -95,6 +115,13 @@ class LocalTeacher:
         return self._llm
 
     async def health_check(self) -> None:
+        """Grade a test response in a child process first (a native crash there ends nothing but the child;
+        teacher/probe.py), then load the model here."""
+        if self.check_in_child and self._llm is None:
+            report = await asyncio.to_thread(check_in_child, self.cfg, self.n_ctx, self.n_threads, self.path)
+            if report["status"] == "error":
+                raise TeacherUnavailable(f"the local teacher {self.path} could not grade a test response: "
+                                         f"{report['error']}")
         try:
             await asyncio.to_thread(self._model)
         except Exception as exc:  # a corrupt or unsupported file
@@ -102,6 +129,10 @@ class LocalTeacher:
 
     async def judge(self, requests: list[JudgeRequest]) -> list[Judgement]:
         return await asyncio.to_thread(self._judge_all, requests)
+
+    def grade_now(self, requests: list[JudgeRequest]) -> list[Judgement]:
+        """Grade REQUESTS in this thread, one after another (what `judge` runs in a worker thread)."""
+        return self._judge_all(requests)
 
     def _judge_all(self, requests: list[JudgeRequest]) -> list[Judgement]:
         with self._lock:
@@ -163,6 +194,10 @@ class LocalTeacher:
         """Stop a batch in progress after its current grade (a thread cannot be interrupted), then free the model."""
         self._closing.set()
         await asyncio.to_thread(self._close_model)
+
+    def close_now(self) -> None:
+        """Free the model in this thread (what `aclose` does in a worker thread)."""
+        self._close_model()
 
     def _close_model(self) -> None:
         with self._lock:

@@ -273,7 +273,7 @@ class OpenAITeacher:
                   self._max_tokens_param: self.cfg.max_feedback_new_tokens}
         if structured:
             kwargs["response_format"] = (self.rubric.response_format() if fmt == "json_schema"
-                                         else {"type": "json_object", "schema": self.rubric.json_schema()})
+                                         else {"type": "json_object", "schema": self._grammar_schema()})
         if logprobs:
             kwargs.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
         call = client.chat.completions.create(**kwargs)
@@ -281,6 +281,11 @@ class OpenAITeacher:
             return await call
         # httpx's timeout is per read; a server trickling bytes would never trip it, so also bound the whole call.
         return await asyncio.wait_for(call, self.timeout_s + 1.0)
+
+    def _grammar_schema(self) -> dict:
+        """The schema for a grammar engine, explanations bounded so a grade fits in max_feedback_new_tokens."""
+        chars = self.rubric.explanation_chars_within(self.cfg.max_feedback_new_tokens)
+        return self.rubric.json_schema(max_explanation_chars=max(1, chars))
 
     def _finish(self, completion, logprobs: bool, start: float, attempts: int) -> Judgement:
         latency = time.monotonic() - start

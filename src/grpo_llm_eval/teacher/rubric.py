@@ -257,6 +257,17 @@ class Rubric:
                     "additionalProperties": False}
         return {"type": "object", "properties": properties, "required": self.names, "additionalProperties": False}
 
+    def explanation_chars_within(self, max_tokens: int) -> int:
+        """Longest explanation (characters) per criterion that keeps a whole grade within MAX_TOKENS.
+
+        For servers that enforce a schema with a grammar (``json_object`` with a ``schema``: llama.cpp): a small
+        teacher otherwise writes explanations until the token limit cuts its grade, and a cut grade has no
+        scores. Estimated low: about 25 tokens of JSON per criterion around the explanation, 2.5 characters a
+        token (digits, punctuation and short words tokenize densely). 0 when no explanation fits.
+        """
+        n = max(1, len(self.criteria))
+        return max(0, int((max_tokens - 25 * n - 10) * 2.5 / n))
+
     def response_format(self) -> dict:
         """The OpenAI ``response_format`` argument for structured output."""
         return {"type": "json_schema", "json_schema": {"name": "evaluation", "schema": self.json_schema(), "strict": True}}
