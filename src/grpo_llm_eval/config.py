@@ -114,6 +114,7 @@ class Config:
     verifier_answer_weight: float = _f(0.0, "Weight of the math-verify answer check (1 right, 0 wrong).", min=0.0)
     verifier_format_weight: float = _f(0.0, "Weight of the think-tag format check.", min=0.0)
     verifier_veto: bool = _f(False, "A failed answer check caps the teacher's answer score at its minimum.")
+    verifier_monitor: bool = _f(True, "Check answers (math-verify) for the verifier/answer_accuracy metric even where no weight or veto uses the check; false skips the check then.")
     # ---- SFT on feedback ----------------------------------------------------------------------
     sft_beta: float = _f(0.0, "Weight of the SFT loss on teacher feedback, added to the GRPO loss.", min=0.0)
     sft_target: str = _f("feedback", "SFT target.", choices=("feedback", "best_response"))
