@@ -107,6 +107,18 @@ class TestBadConfig:
         probs = problems_of({"criteria": [{"name": "bad name", "weight": 1}, {"name": "x", "min": 5, "max": 1}]})
         assert any("criteria[0].name" in p for p in probs) and any("criteria[1]" in p for p in probs)
 
+    def test_a_sequence_limit_that_leaves_no_room_for_a_prompt_is_rejected(self):
+        """Would have caught: with max_seq_length <= max_new_tokens training applied no prompt limit at all
+        (the filter skipped itself), so prompts of any length went to the trainer."""
+        [problem] = problems_of({"max_seq_length": 256, "max_new_tokens": 256})
+        assert problem.startswith("max_seq_length: 256") and "max_new_tokens 256" in problem and "raise" in problem
+        validate({"max_seq_length": 257, "max_new_tokens": 256})
+
+    def test_max_seq_length_help_says_what_training_does_with_long_prompts(self):
+        """Would have caught: the help said long prompts are cut from the left; training drops them."""
+        text = Config.__dataclass_fields__["max_seq_length"].metadata["help"]
+        assert "training skips" in text and "max_seq_length - max_new_tokens" in text
+
     def test_all_reward_weights_zero_is_rejected(self):
         [p] = problems_of({"teacher_weight": 0, "verifier_answer_weight": 0, "verifier_format_weight": 0})
         assert "nothing is rewarded" in p

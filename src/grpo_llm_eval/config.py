@@ -90,7 +90,7 @@ class Config:
     top_k: int = _f(50, "Student top-k sampling (0: off).", min=0)
     repetition_penalty: float = _f(1.0, "Student repetition penalty.", min=0.0)
     fast_generation: bool = _f(True, "On CUDA without vLLM: sample with a static KV cache and compiled decoding (TRL turns compile off); ignored on CPU.")
-    max_seq_length: int = _f(1024, "Max tokens of a prompt (longer prompts are cut from the left) and of an SFT example.", min=8)
+    max_seq_length: int = _f(1024, "Max tokens of prompt plus completion: training skips (with a warning) prompts longer than max_seq_length - max_new_tokens; evaluation cuts prompts from the left to max_seq_length. Also the max tokens of an SFT example.", min=8)
     system_prompt: str = _f(SEED_SYSTEM_PROMPT, "System prompt for the student; empty: none.")
     think_open_string: str = _f("<think>", "Opening think tag.")
     think_close_string: str = _f("</think>", "Closing think tag.")

@@ -179,6 +179,12 @@ def validate(data: dict) -> Config:
     _check_criteria(cfg.criteria, problems)
     if cfg.teacher_backend == "openai" and not cfg.teacher_model_name:
         problems.append("teacher_model_name: empty; name the model the teacher server serves.")
+    if cfg.max_seq_length <= cfg.max_new_tokens:
+        problems.append(
+            f"max_seq_length: {cfg.max_seq_length} leaves no room for a prompt beside max_new_tokens "
+            f"{cfg.max_new_tokens} (training keeps prompts of at most max_seq_length - max_new_tokens = "
+            f"{cfg.max_seq_length - cfg.max_new_tokens} tokens); raise max_seq_length above max_new_tokens plus "
+            f"your prompts' length, e.g. {cfg.max_new_tokens + 512}.")
     rewards = cfg.teacher_weight + cfg.verifier_answer_weight + cfg.verifier_format_weight
     if rewards <= 0:
         problems.append("teacher_weight, verifier_answer_weight, verifier_format_weight: all 0, so nothing is rewarded; set one > 0.")
