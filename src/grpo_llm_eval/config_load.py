@@ -177,6 +177,12 @@ def validate(data: dict) -> Config:
     if cfg.trl:
         _check_trl(cfg.trl, problems)
     _check_criteria(cfg.criteria, problems)
+    if cfg.teacher_backend == "openai" and is_redacted(cfg.openai_base_url):
+        problems.append(
+            f"openai_base_url: {cfg.openai_base_url} has its credentials redacted ({REDACTED}), as a run's config.yaml "
+            "stores it, so the teacher would be sent the placeholder; give the real URL: resume with --config "
+            "pointing at the original config, or --set openai_base_url=URL, or set OPENAI_BASE_URL=URL in the "
+            "environment (used on --resume when the run's config.yaml holds a redacted URL).")
     if cfg.teacher_backend == "openai" and not cfg.teacher_model_name:
         problems.append("teacher_model_name: empty; name the model the teacher server serves.")
     if cfg.max_seq_length <= cfg.max_new_tokens:
@@ -198,14 +204,23 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     return validate(apply_overrides(read_yaml(path), overrides or []))
 
 
+REDACTED = "***"
+
+
 def redact_url(url: str) -> str:
-    """Drop any user:password@ from a URL."""
+    """Replace any user:password@ of a URL by ***@."""
     parts = urlsplit(url)
     if parts.username or parts.password:
         host = parts.hostname or ""
-        netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+        netloc = f"{REDACTED}@{host}" + (f":{parts.port}" if parts.port else "")
         return urlunsplit(parts._replace(netloc=netloc))
     return url
+
+
+def is_redacted(url: str) -> bool:
+    """Whether URL is the output of `redact_url` (its credentials replaced by ***)."""
+    parts = urlsplit(url) if url else None
+    return parts is not None and parts.username == REDACTED and parts.password is None
 
 
 def to_dict(cfg: Config) -> dict:
@@ -219,4 +234,5 @@ def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True, width=120)
 
 
-__all__ = ["ConfigError", "LoraSection", "apply_overrides", "dump_yaml", "load_config", "read_yaml", "to_dict", "validate"]
+__all__ = ["REDACTED", "ConfigError", "LoraSection", "apply_overrides", "dump_yaml", "is_redacted", "load_config",
+           "read_yaml", "redact_url", "to_dict", "validate"]
