@@ -119,6 +119,19 @@ class TestBadConfig:
         text = Config.__dataclass_fields__["max_seq_length"].metadata["help"]
         assert "training skips" in text and "max_seq_length - max_new_tokens" in text
 
+    def test_a_grade_limit_no_grade_fits_in_is_rejected_where_grades_are_decoded(self):
+        """Would have caught: the offline default's max_feedback_new_tokens 8 (right for the local forced-key
+        scorer) carried over to the openai backend, and every grade was cut off mid-JSON."""
+        offline = yaml.safe_load(default_config_text())
+        served = {**offline, "teacher_backend": "openai", "openai_base_url": "http://127.0.0.1:8/v1",
+                  "teacher_structured_output": True}
+        [problem] = problems_of(served)
+        assert problem.startswith("max_feedback_new_tokens: 8") and "openai" in problem and "512" in problem
+        [problem] = problems_of({**offline, "teacher_logprob_scores": False})  # local, decoding its grades
+        assert problem.startswith("max_feedback_new_tokens: 8") and "local" in problem
+        assert validate(offline).max_feedback_new_tokens == 8  # forced keys: only the explanation is decoded
+        validate({**served, "max_feedback_new_tokens": 256})
+
     def test_all_reward_weights_zero_is_rejected(self):
         [p] = problems_of({"teacher_weight": 0, "verifier_answer_weight": 0, "verifier_format_weight": 0})
         assert "nothing is rewarded" in p

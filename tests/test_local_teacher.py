@@ -72,7 +72,7 @@ class TestForcedKeyScores:
         asyncio.run(teacher.health_check())
         assert teacher._scorer is None and teacher._llm is not None  # loaded, for decoding with logprobs
         (j,) = judge(teacher, [RIGHT])
-        assert j.status in ("ok", "incomplete", "unparseable")  # a 135M model's decoded grade; never made up
+        assert j.status in ("ok", "incomplete", "unparseable", "truncated")  # a 135M model's grade; never made up
         if j.ok:
             assert 0.0 <= j.scores["answer"] <= 0.5
 
@@ -97,3 +97,14 @@ def test_closing_stops_a_batch_in_progress_after_its_current_grade():
     assert judgements[: len(done)] == done  # graded in order until the close, failed (never made up) after
     assert all(j.status == "error" and all(v is None for v in j.scores.values()) for j in stopped)
     assert teacher._llm is None
+
+
+class TestDecodedGrades:
+    def test_a_decoded_grade_cut_off_by_the_token_limit_is_truncated(self):
+        """Would have caught: the local backend's decoded (grammar) path recorded a grade that hit
+        max_feedback_new_tokens as 'unparseable', hiding that the limit was at fault."""
+        cfg = load_config(None, ["teacher_logprob_scores=false", "max_feedback_new_tokens=12"])
+        teacher = LocalTeacher(cfg, Rubric.from_config(cfg), n_threads=1)
+        (j,) = judge(teacher, [RIGHT])
+        assert j.extra["finish_reason"] == "length"
+        assert j.status == "truncated" and "max_feedback_new_tokens=12" in j.error

@@ -164,6 +164,23 @@ def _check_criteria(criteria: list, problems: list[str]) -> None:
         problems.append("criteria: names must be unique; rename the duplicates.")
 
 
+def _check_grade_room(cfg: Config, problems: list[str]) -> None:
+    """Refuse a max_feedback_new_tokens no grade of the rubric fits in, where the backend decodes its grades
+    (openai; local without forced-key scores, whose explanation alone is decoded and may be short)."""
+    if cfg.teacher_backend == "local" and cfg.teacher_logprob_scores:
+        return
+    from grpo_llm_eval.teacher.rubric import Rubric  # the teacher package imports this module's Config
+
+    json_mode = cfg.teacher_structured_output
+    fewest, typical = Rubric.from_config(cfg).grade_tokens(json_mode, compact=cfg.teacher_backend == "local")
+    if cfg.max_feedback_new_tokens < fewest:
+        problems.append(
+            f"max_feedback_new_tokens: {cfg.max_feedback_new_tokens} cannot hold one grade: the {cfg.teacher_backend} "
+            f"backend decodes grades, and a bare {'JSON' if json_mode else 'XML'} grade of this rubric takes at "
+            f"least {fewest} tokens (about {typical}, before explanations and thinking); raise it, e.g. to 512. "
+            "(Only the local backend's forced-key scores, teacher_logprob_scores: true, get by with a few tokens.)")
+
+
 def validate(data: dict) -> Config:
     """Build a Config from a mapping, or raise ConfigError listing every problem."""
     problems: list[str] = []
@@ -191,6 +208,8 @@ def validate(data: dict) -> Config:
             f"{cfg.max_new_tokens} (training keeps prompts of at most max_seq_length - max_new_tokens = "
             f"{cfg.max_seq_length - cfg.max_new_tokens} tokens); raise max_seq_length above max_new_tokens plus "
             f"your prompts' length, e.g. {cfg.max_new_tokens + 512}.")
+    if not problems:  # the rubric is built from checked criteria
+        _check_grade_room(cfg, problems)
     rewards = cfg.teacher_weight + cfg.verifier_answer_weight + cfg.verifier_format_weight
     if rewards <= 0:
         problems.append("teacher_weight, verifier_answer_weight, verifier_format_weight: all 0, so nothing is rewarded; set one > 0.")

@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from grpo_llm_eval.teacher.grading import judgement_from_completion
+from grpo_llm_eval.teacher.grading import TruncationCheck, judgement_from_completion
 from grpo_llm_eval.teacher.local_scores import ForcedScorer
 from grpo_llm_eval.teacher.types import Judgement, JudgeRequest, TeacherUnavailable
 
@@ -73,6 +73,7 @@ class LocalTeacher:
         self._scorer: ForcedScorer | None = None
         self._lock = threading.Lock()
         self._closing = threading.Event()  # set by aclose: a batch in progress stops after its current grade
+        self._truncation = TruncationCheck(rubric, cfg.max_feedback_new_tokens)  # decoded grades only
 
     def _load(self, logits_all: bool):
         from llama_cpp import Llama
@@ -134,9 +135,11 @@ class LocalTeacher:
                                     latency_s=time.perf_counter() - start)
         choice = out["choices"][0]
         logprobs = (choice.get("logprobs") or {}).get("content") if cfg.teacher_logprob_scores else None
-        return judgement_from_completion(
+        judgement = judgement_from_completion(
             self.rubric, choice["message"].get("content"), None, logprobs, bool(cfg.teacher_logprob_scores),
             cfg.think_open_string, cfg.think_close_string, latency_s=time.perf_counter() - start, attempts=1)
+        judgement.extra["finish_reason"] = choice.get("finish_reason")
+        return self._truncation.apply(judgement, choice.get("finish_reason"), structured, compact=True)
 
     def _judge_forced(self, req: JudgeRequest) -> Judgement:
         """Scores read from digit probabilities after forced JSON keys (teacher/local_scores.py)."""

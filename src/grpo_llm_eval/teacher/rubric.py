@@ -28,6 +28,8 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PLACEHOLDER = re.compile(r"\{(question|student_response|ground_truth)\}")
 # Where a JSON object with keys starts (`{"`, spaces allowed): the only places parse.py tries to decode one.
 _JSON_OBJECT_START = re.compile(r'\{(?=\s*")')
+CHARS_PER_TOKEN_MAX = 8  # a generous bound, so a config is never refused for a grade that could fit
+CHARS_PER_TOKEN_TYPICAL = 3
 FENCE_TAGS = ("question", "student_response", "ground_truth", "evaluation", "score", "explanation")
 NO_GROUND_TRUTH = "(no ground truth given)"
 
@@ -222,6 +224,25 @@ class Rubric:
         if json_mode:
             content = content.rstrip("\n") + "\n\n" + self.json_instructions(compact) + "\n"
         return [{"role": "user", "content": content}]
+
+    def bare_grade(self, json_mode: bool = False, compact: bool = False) -> str:
+        """The shortest complete grade in the format asked for: each score at its minimum, explanations empty."""
+        if not json_mode:
+            return "<evaluation>\n" + "\n".join(
+                f"  <{c.name}><score>{_num(c.min)}</score><explanation></explanation></{c.name}>"
+                for c in self.criteria) + "\n</evaluation>"
+        if compact:
+            return json.dumps({**{c.name: _num(c.min) for c in self.criteria}, "explanation": ""})
+        return json.dumps({c.name: {"score": _num(c.min), "explanation": ""} for c in self.criteria})
+
+    def grade_tokens(self, json_mode: bool = False, compact: bool = False) -> tuple[int, int]:
+        """(fewest tokens any tokenizer can write `bare_grade` in, about how many common ones use).
+
+        Bounds from characters: measured with SmolLM2's tokenizer, grades take 2.6 to 3.6 characters a token;
+        no tokenizer packs this markup into more than CHARS_PER_TOKEN_MAX. Explanations and thinking come on top.
+        """
+        chars = len(self.bare_grade(json_mode, compact))
+        return math.ceil(chars / CHARS_PER_TOKEN_MAX), math.ceil(chars / CHARS_PER_TOKEN_TYPICAL)
 
     # ---- structured output --------------------------------------------------------------------
 
