@@ -40,6 +40,21 @@ def resolve_gguf(name: str) -> Path:
         "for other models serve them (vLLM, ollama, llama.cpp server) and set teacher_backend: openai.")
 
 
+def control_texts(llm) -> list[str]:
+    """The texts of the model's control tokens (``<|im_end|>``, ...): what tokenizing with special tokens on
+    turns into those tokens."""
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    texts = []
+    for token in range(llm.n_vocab()):
+        if llama_cpp.llama_vocab_get_attr(vocab, token) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL:
+            text = llm.detokenize([token], special=True).decode("utf-8", "replace")
+            if text.strip():
+                texts.append(text)
+    return texts
+
+
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -84,6 +99,8 @@ class LocalTeacher:
     def _model(self):
         if self._llm is None:
             self._llm = self._load(logits_all=False)
+            # The prompt is tokenized with special tokens on: their texts inside a response must stay text.
+            self.rubric.set_control_strings(control_texts(self._llm))
             if self.cfg.teacher_logprob_scores:
                 scorer = ForcedScorer(self._llm, self.rubric, self.cfg.max_feedback_new_tokens)
                 if scorer.supports:
