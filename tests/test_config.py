@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -197,3 +198,17 @@ class TestReadmeTable:
         text = (ROOT / "README.md").read_text()
         block = text.split(START, 1)[1].split(END, 1)[0].strip()
         assert block == config_table(), "README drifted: run `python -m grpo_llm_eval.config_doc README.md`"
+
+
+class TestScalingDoc:
+    def test_the_step_shape_matches_the_default_judge_ahead(self):
+        """Would have caught: docs/scaling.md said generation, judging and update never overlap, while the
+        default judge_ahead_steps: 1 grades each batch during the next update and sampling."""
+        text = (ROOT / "docs/scaling.md").read_text()
+        start = text.index("## The shape of one step")
+        section = text[start: text.index("\n## ", start + 1)]
+        assert f"`judge_ahead_steps: {Config().judge_ahead_steps}` (the library default)" in section
+        for paragraph in re.split(r"\n\n|\n- ", section):
+            if "do not overlap" in paragraph:
+                assert "`judge_ahead_steps: 0`" in paragraph, paragraph
+
