@@ -149,3 +149,24 @@ class TestBoundedAnswerCheck:
             assert checker.check("0.5", "$\\frac{1}{2}$") is True and checker.starts == 2
         finally:
             checker.close()
+
+    def test_a_forked_process_gets_its_own_checker(self):
+        """A fork (e.g. a data-loader worker) must not share the parent's pipes, nor stop its checker at exit."""
+        import os
+
+        from grpo_llm_eval import verify_worker
+
+        checker = verify_worker.shared()
+        assert checker.check("7", "$\\boxed{7}$") is True
+        parent_child = checker._proc.pid
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the forked child reports through its exit code)
+            ok = False
+            try:
+                ok = checker.check("0.5", "$\\frac{1}{2}$") is True and checker._proc.pid != parent_child
+                checker.close()
+            finally:
+                os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert checker._proc.pid == parent_child and checker.check("44", "44") is True

@@ -43,6 +43,7 @@ class BoundedVerifier:
         self.timeouts = 0  # checks that missed their deadline, for logs and tests
         self.starts = 0  # child processes started
         self._proc: subprocess.Popen | None = None
+        self._pid = os.getpid()  # a forked copy of this object must not share the parent's pipes
         self._lock = threading.Lock()
 
     def _start(self) -> None:
@@ -81,6 +82,8 @@ class BoundedVerifier:
 
         Raises CheckTimeout past the deadline, and ValueError with math-verify's message where it raised.
         """
+        if self._pid != os.getpid():  # forked: the child process and its pipes belong to the parent
+            self._proc, self._pid, self._lock = None, os.getpid(), threading.Lock()
         with self._lock:
             if self._proc is None or self._proc.poll() is not None:
                 self._start()
@@ -104,6 +107,8 @@ class BoundedVerifier:
 
     def close(self) -> None:
         """Stop the child process (it also exits by itself when this process ends)."""
+        if self._pid != os.getpid():  # a forked copy: the child process is the parent's
+            return
         with self._lock:
             self._kill()
 
