@@ -131,6 +131,10 @@ class TestBadConfig:
         [problem] = problems_of({**offline, "teacher_logprob_scores": False})  # local, decoding its grades
         assert problem.startswith("max_feedback_new_tokens: 8") and "local" in problem
         assert validate(offline).max_feedback_new_tokens == 8  # forced keys: only the explanation is decoded
+        unreadable = [{"name": n, "weight": 1.0, "description": "?", "min": 0, "max": 0.5}
+                      for n in ("thought_process", "answer", "format")]
+        [problem] = problems_of({**offline, "criteria": unreadable})  # no forced keys: grammar decoding
+        assert problem.startswith("max_feedback_new_tokens: 8")
         validate({**served, "max_feedback_new_tokens": 256})
 
     def test_all_reward_weights_zero_is_rejected(self):

@@ -166,13 +166,18 @@ def _check_criteria(criteria: list, problems: list[str]) -> None:
 
 def _check_grade_room(cfg: Config, problems: list[str]) -> None:
     """Refuse a max_feedback_new_tokens no grade of the rubric fits in, where the backend decodes its grades
-    (openai; local without forced-key scores, whose explanation alone is decoded and may be short)."""
-    if cfg.teacher_backend == "local" and cfg.teacher_logprob_scores:
-        return
-    from grpo_llm_eval.teacher.rubric import Rubric  # the teacher package imports this module's Config
+    (openai; local without forced-key scores, whose explanation alone is decoded and may be short). The
+    forced-key scorer needs integer scales within 0..99 (and a tokenizer that writes digits singly, which
+    only the loaded teacher can tell: a grade cut off there is recorded 'truncated' with a warning)."""
+    from grpo_llm_eval.teacher.local_scores import forced_scale  # the teacher package imports Config
+    from grpo_llm_eval.teacher.rubric import Rubric
 
+    rubric = Rubric.from_config(cfg)
+    if (cfg.teacher_backend == "local" and cfg.teacher_logprob_scores
+            and all(forced_scale(c) is not None for c in rubric.criteria)):
+        return
     json_mode = cfg.teacher_structured_output
-    fewest, typical = Rubric.from_config(cfg).grade_tokens(json_mode, compact=cfg.teacher_backend == "local")
+    fewest, typical = rubric.grade_tokens(json_mode, compact=cfg.teacher_backend == "local")
     if cfg.max_feedback_new_tokens < fewest:
         problems.append(
             f"max_feedback_new_tokens: {cfg.max_feedback_new_tokens} cannot hold one grade: the {cfg.teacher_backend} "
