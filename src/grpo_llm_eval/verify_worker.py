@@ -6,6 +6,10 @@ in the main thread (rewards run in TRL's event-loop thread) and cannot stop a lo
 anyway. A thread cannot be stopped either. A child process can: a check that misses its deadline has its
 process killed, the check reads as not verified, and the next check starts a fresh child.
 
+Cost, measured on the 2-core development machine over 200 checks that reach math-verify: 0.73 to 0.76 ms a
+check here against 0.36 to 0.74 ms in-process; the child starts in 0.3 s (once), and a killed check's
+successor starts in 0.3 s. A hostile answer costs CHECK_TIMEOUT_S plus that restart.
+
 Protocol: one JSON line per check on the child's stdin (``[gold, answer]``), one JSON line back
 (``{"result": true|false|null}``, or ``{"error": "..."}`` where math-verify raised). The child exits when
 its stdin closes, so it never outlives the process that started it by more than one check.
