@@ -108,6 +108,25 @@ class TestCacheKey:
         assert len(keys) == 7
 
 
+    @pytest.mark.parametrize("change", [
+        {"teacher_temperature": 0.7}, {"teacher_backend": "local"}, {"openai_base_url": "http://127.0.0.1:9/v1"},
+        {"think_open_string": "<reasoning>"}, {"think_close_string": "</reasoning>"},
+        {"max_feedback_new_tokens": 64}])
+    def test_each_setting_that_shapes_a_grade_changes_the_key(self, change):
+        """Would have caught: the key held only structured output and logprobs, so a run resumed or re-pointed
+        with another temperature, backend, server, think tags or grade length reused grades made otherwise."""
+        base = dict(teacher_backend="openai", teacher_model_name="teacher", openai_base_url="http://127.0.0.1:8/v1")
+        request = JudgeRequest("q", "r", "g")
+        before = cache_key("teacher", "fp", flags_from_config(Config(**base)), request)
+        after = cache_key("teacher", "fp", flags_from_config(Config(**{**base, **change})), request)
+        assert before != after
+
+    def test_credentials_in_the_url_do_not_change_the_key(self):
+        urls = ["http://127.0.0.1:8/v1", "http://u:secret@127.0.0.1:8/v1/", "http://u:other@127.0.0.1:8/v1"]
+        flags = [flags_from_config(Config(teacher_backend="openai", openai_base_url=u)) for u in urls]
+        assert flags[0] == flags[1] == flags[2] and "secret" not in str(flags[1])
+
+
 class TestCachedTeacher:
     def make(self, srv: TeacherServer, path):
         cfg = Config(teacher_backend="openai", teacher_model_name="teacher", openai_base_url=srv.base_url,
@@ -127,6 +146,16 @@ class TestCachedTeacher:
             assert srv.stats()["chat_requests"] == 2
         assert [j.cached for j in fresh] == [False, False] and [j.cached for j in again] == [True, True]
         assert [j.scores for j in again] == [j.scores for j in fresh] and again[0].latency_s == 0.0
+
+    def test_a_re_pointed_run_asks_the_new_server(self, tmp_path):
+        """Would have caught: the key had no server, so a run pointed at another teacher server replayed the
+        first server's grades and never asked the second."""
+        requests = [JudgeRequest("6*7?", "<think>x</think> 42", "42")]
+        with TeacherServer() as first, TeacherServer() as second:
+            self.run(self.make(first, tmp_path / "c.db"), requests)
+            again = self.run(self.make(second, tmp_path / "c.db"), requests)
+            assert second.stats()["chat_requests"] == 1
+        assert not again[0].cached
 
     def test_failures_are_graded_again_next_time(self, tmp_path):
         requests = [JudgeRequest("6*7?", "42", "42")]

@@ -77,3 +77,70 @@ def test_is_disk_full_follows_the_cause_chain():
 
 def test_free_mib_of_a_folder_not_yet_created(tmp_path):
     assert checkpoints.free_mib(tmp_path / "a" / "b") > 0
+
+
+def test_publish_syncs_every_file_and_folder_before_the_rename(tmp_path, monkeypatch):
+    """Would have caught: publish fsynced only the run folder, so after a power loss a published checkpoint could
+    hold empty files. Every fsync is observed (the real one still runs) by the path its descriptor points at, so
+    a sync of the staged path proves it happened before the rename."""
+    import os
+
+    staged = tmp_path / ".checkpoint-staging" / "checkpoint-4"
+    (staged / "sub").mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.pt", "sub/rng_state.pth"):
+        (staged / name).write_bytes(b"x" * 1000)
+    synced, real_fsync = [], os.fsync
+
+    def observed_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", observed_fsync)
+    checkpoints.publish(staged, tmp_path / "checkpoint-4")
+    expected = {str(staged / n) for n in ("model.safetensors", "optimizer.pt", "sub/rng_state.pth", "sub")}
+    assert expected | {str(staged)} <= set(synced), sorted(set(synced))
+    assert str(tmp_path) in synced  # the rename itself, last
+    assert (tmp_path / "checkpoint-4" / "sub" / "rng_state.pth").read_bytes() == b"x" * 1000
+
+
+QUEUE_CHILD = r"""
+import json, resource, signal, sys
+from pathlib import Path
+from grpo_llm_eval import checkpoints
+from grpo_llm_eval.config_load import load_config
+from grpo_llm_eval.train import train
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+cfg = load_config(None, sys.argv[2:])
+try:
+    train(cfg)
+    print(json.dumps({"error": None}))
+except Exception as exc:
+    run = Path(cfg.output_dir) / cfg.run_name
+    print(json.dumps({"error": f"{type(exc).__name__}: {exc}", "staging": (run / checkpoints.STAGING).exists()}))
+"""
+
+
+def test_a_judge_ahead_queue_that_does_not_fit_is_a_clear_error_and_leaves_no_staging(tiny_model, tmp_path):
+    """Would have caught: the judge-ahead queue file was written outside the `saving()` guard, so a full disk
+    there was a raw error that left the staging folder behind. Real error: the model and optimizer files fit
+    under the child's file-size limit, the queue (8 rows carrying a 2.5 MB column) does not."""
+    from grpo_llm_eval.testing import TeacherServer
+    from tests.conftest import tiny_overrides
+
+    data = tmp_path / "data.jsonl"
+    blob = "z" * 2_500_000
+    data.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1), "blob": blob}) + "\n"
+                            for i in range(4)))
+    with TeacherServer(mode="scripted") as server:
+        overrides = tiny_overrides(tiny_model, tmp_path / "runs", openai_base_url=server.base_url, total_steps=2,
+                                   save_steps=1, judge_ahead_steps=1, dataset_name=str(data), max_train_samples=0)
+        out = subprocess.run([sys.executable, "-c", QUEUE_CHILD, str(14 << 20), *overrides], capture_output=True,
+                             text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["error"] is not None and result["error"].startswith("SaveError"), result
+    assert "disk is full" in result["error"] and "checkpoint checkpoint-1" in result["error"]
+    assert result["staging"] is False, "the partial staging folder must not stay behind"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,35 @@ class TestBadConfig:
         probs = problems_of({"criteria": [{"name": "bad name", "weight": 1}, {"name": "x", "min": 5, "max": 1}]})
         assert any("criteria[0].name" in p for p in probs) and any("criteria[1]" in p for p in probs)
 
+    def test_a_sequence_limit_that_leaves_no_room_for_a_prompt_is_rejected(self):
+        """Would have caught: with max_seq_length <= max_new_tokens training applied no prompt limit at all
+        (the filter skipped itself), so prompts of any length went to the trainer."""
+        [problem] = problems_of({"max_seq_length": 256, "max_new_tokens": 256})
+        assert problem.startswith("max_seq_length: 256") and "max_new_tokens 256" in problem and "raise" in problem
+        validate({"max_seq_length": 257, "max_new_tokens": 256})
+
+    def test_max_seq_length_help_says_what_training_does_with_long_prompts(self):
+        """Would have caught: the help said long prompts are cut from the left; training drops them."""
+        text = Config.__dataclass_fields__["max_seq_length"].metadata["help"]
+        assert "training skips" in text and "max_seq_length - max_new_tokens" in text
+
+    def test_a_grade_limit_no_grade_fits_in_is_rejected_where_grades_are_decoded(self):
+        """Would have caught: the offline default's max_feedback_new_tokens 8 (right for the local forced-key
+        scorer) carried over to the openai backend, and every grade was cut off mid-JSON."""
+        offline = yaml.safe_load(default_config_text())
+        served = {**offline, "teacher_backend": "openai", "openai_base_url": "http://127.0.0.1:8/v1",
+                  "teacher_structured_output": True}
+        [problem] = problems_of(served)
+        assert problem.startswith("max_feedback_new_tokens: 8") and "openai" in problem and "512" in problem
+        [problem] = problems_of({**offline, "teacher_logprob_scores": False})  # local, decoding its grades
+        assert problem.startswith("max_feedback_new_tokens: 8") and "local" in problem
+        assert validate(offline).max_feedback_new_tokens == 8  # forced keys: only the explanation is decoded
+        unreadable = [{"name": n, "weight": 1.0, "description": "?", "min": 0, "max": 0.5}
+                      for n in ("thought_process", "answer", "format")]
+        [problem] = problems_of({**offline, "criteria": unreadable})  # no forced keys: grammar decoding
+        assert problem.startswith("max_feedback_new_tokens: 8")
+        validate({**served, "max_feedback_new_tokens": 256})
+
     def test_all_reward_weights_zero_is_rejected(self):
         [p] = problems_of({"teacher_weight": 0, "verifier_answer_weight": 0, "verifier_format_weight": 0})
         assert "nothing is rewarded" in p
@@ -172,3 +202,17 @@ class TestReadmeTable:
         text = (ROOT / "README.md").read_text()
         block = text.split(START, 1)[1].split(END, 1)[0].strip()
         assert block == config_table(), "README drifted: run `python -m grpo_llm_eval.config_doc README.md`"
+
+
+class TestScalingDoc:
+    def test_the_step_shape_matches_the_default_judge_ahead(self):
+        """Would have caught: docs/scaling.md said generation, judging and update never overlap, while the
+        default judge_ahead_steps: 1 grades each batch during the next update and sampling."""
+        text = (ROOT / "docs/scaling.md").read_text()
+        start = text.index("## The shape of one step")
+        section = text[start: text.index("\n## ", start + 1)]
+        assert f"`judge_ahead_steps: {Config().judge_ahead_steps}` (the library default)" in section
+        for paragraph in re.split(r"\n\n|\n- ", section):
+            if "do not overlap" in paragraph:
+                assert "`judge_ahead_steps: 0`" in paragraph, paragraph
+

@@ -108,7 +108,25 @@ class TestGrading:
         with TeacherServer() as srv:
             [j] = grade(make_teacher(srv.base_url, max_feedback_new_tokens=12, max_new_tokens=4096), arithmetic(1))
         assert j.extra["finish_reason"] == "length"  # 12 tokens cannot hold the grade
-        assert j.status == "unparseable" and all(v is None for v in j.scores.values())
+        assert j.status == "truncated" and all(v is None for v in j.scores.values())
+
+    def test_a_grade_cut_off_by_the_token_limit_is_truncated_with_one_warning(self, caplog):
+        """Would have caught: with max_feedback_new_tokens 8 every grade stopped mid-JSON and was recorded
+        'unparseable' with no hint that the limit, not the teacher, was at fault."""
+        from grpo_llm_eval.rewards import TeacherRubricReward
+
+        with TeacherServer() as srv, caplog.at_level(logging.WARNING):
+            teacher = make_teacher(srv.base_url, teacher_structured_output=True, max_feedback_new_tokens=8)
+            judgements = grade(teacher, arithmetic(4))
+        assert [j.status for j in judgements] == ["truncated"] * 4
+        assert all(j.extra["finish_reason"] == "length" and "max_feedback_new_tokens=8" in j.error for j in judgements)
+        warned = [r.getMessage() for r in caplog.records if "max_feedback_new_tokens" in r.getMessage()]
+        assert len(warned) == 1 and "max_feedback_new_tokens=8" in warned[0] and "tokens" in warned[0], warned
+        assert teacher.stats["failures"] == {"truncated": 4}
+        reward = TeacherRubricReward(teacher.cfg, teacher.rubric, teacher)
+        rows = [reward.score(j, r.response, r.ground_truth) for j, r in zip(judgements, arithmetic(4), strict=True)]
+        metrics = reward.batch_metrics(judgements, rows)
+        assert metrics["judge/status_truncated"] == 1.0 and all(r["reward"] is None for r in rows)
 
     def test_the_teacher_can_be_used_from_several_event_loops(self, caplog):
         with TeacherServer() as srv, caplog.at_level(logging.ERROR):

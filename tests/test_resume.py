@@ -148,3 +148,39 @@ class TestAtomicCheckpoints:
         (run / "checkpoint-2").mkdir(parents=True)
         (run / checkpoints.STAGING / "checkpoint-4").mkdir(parents=True)
         assert checkpoints.find_resume(str(tmp_path), "run", True)[1].name == "checkpoint-2"
+
+
+class TestResumeCredentials:
+    def test_a_resumed_run_takes_the_teacher_credentials_from_the_environment(self, tiny_model, tmp_path):
+        """Would have caught: --resume reloaded config.yaml, where openai_base_url's user:password is redacted to
+        ***, so the resumed client sent the placeholder and a server requiring the credential refused it (the
+        health check failed). Now the placeholder is refused with a config error saying how to supply the URL,
+        and OPENAI_BASE_URL supplies it."""
+        import base64
+
+        auth = "Basic " + base64.b64encode(b"grader:s3cret").decode()
+        with TeacherServer(mode="scripted", require_auth=auth) as server:
+            url = server.base_url.replace("http://", "http://grader:s3cret@")
+            sets = tiny_overrides(tiny_model, tmp_path, openai_base_url=url, run_name="cred", total_steps=1,
+                                  save_steps=1)
+            first = subprocess.run([sys.executable, "-m", "grpo_llm_eval.cli", "train",
+                                    *[a for s in sets for a in ("--set", s)]],
+                                   capture_output=True, text=True, timeout=300)
+            assert first.returncode == 0, first.stderr[-3000:]
+            run = tmp_path / "cred"
+            assert "s3cret" not in (run / "config.yaml").read_text()
+            resume = [sys.executable, "-m", "grpo_llm_eval.cli", "train", "--resume", str(run),
+                      "--set", "total_steps=2"]
+            env = {k: v for k, v in os.environ.items() if k != "OPENAI_BASE_URL"}
+            refused = subprocess.run(resume, capture_output=True, text=True, timeout=300, env=env)
+            assert refused.returncode == 2, refused.stderr[-3000:]
+            assert "redacted" in refused.stderr and "OPENAI_BASE_URL" in refused.stderr
+            assert "--config" in refused.stderr and "s3cret" not in refused.stderr
+            before = server.stats()["chat_requests"]
+            resumed = subprocess.run(resume, capture_output=True, text=True, timeout=300,
+                                     env=dict(env, OPENAI_BASE_URL=url))
+            assert resumed.returncode == 0, resumed.stderr[-3000:]
+            stats = server.stats()
+        assert stats["responses"].get("401", 0) == 0, "a request reached the server without the credential"
+        assert stats["chat_requests"] > before, "the resumed step graded nothing"
+        assert 2 in steps_in(run)

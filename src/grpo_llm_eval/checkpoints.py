@@ -91,7 +91,13 @@ def step_of(checkpoint: Path) -> int:
 
 
 def publish(staged: Path, final: Path) -> None:
-    """Move a fully written checkpoint into place with a rename (atomic on one filesystem)."""
+    """Move a fully written checkpoint into place with a rename (atomic on one filesystem).
+
+    Every file and folder of STAGED is flushed to disk first (fsync), then the rename, then the parent
+    folder: a rename can reach the disk before the data it names, and after a power loss the published
+    checkpoint would hold empty or short files.
+    """
+    fsync_tree(staged)
     if final.exists():  # the same step saved twice (e.g. a stop signal on a save step): keep the newer
         old = final.with_name(final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -179,6 +185,22 @@ def truncate_records(run_dir: Path, after_step: int) -> dict[str, int]:
         if lost:
             logger.info("%s: removed %d rows past step %d (they are replayed from the checkpoint)", name, lost, after_step)
     return dropped
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under FOLDER, then every folder, deepest first. A file that cannot be synced raises
+    (its data may not be on disk); a folder that cannot be is skipped (some filesystems refuse it)."""
+    for root, _dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(root))
 
 
 def _fsync_dir(path: Path) -> None:

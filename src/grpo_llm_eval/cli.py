@@ -8,7 +8,15 @@ import os
 import sys
 import warnings
 
-from grpo_llm_eval.config_load import ConfigError, dump_yaml, load_config
+from grpo_llm_eval.config_load import (
+    ConfigError,
+    apply_overrides,
+    dump_yaml,
+    is_redacted,
+    load_config,
+    read_yaml,
+    validate,
+)
 
 logger = logging.getLogger("grpo_llm_eval")
 COMMANDS = ("train", "judge", "evaluate", "report")
@@ -78,14 +86,23 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 
 def _resume_config(args):
-    """With --resume: the run to continue, and its own config.yaml unless --config is given."""
+    """With --resume: the run to continue, and its own config.yaml unless --config is given.
+
+    The run's config.yaml holds openai_base_url with its credentials redacted; there OPENAI_BASE_URL from the
+    environment takes its place (`--set` still wins), and without it validation refuses the placeholder.
+    """
     from grpo_llm_eval.checkpoints import find_resume
 
     base = load_config(args.config, args.overrides)
     run, checkpoint = find_resume(base.output_dir, base.run_name, args.resume)
     source = args.config or str(run / "config.yaml")
     pinned = [f"output_dir={run.parent}", f"run_name={run.name}"]
-    return load_config(source, list(args.overrides) + pinned), checkpoint
+    data = read_yaml(source)
+    env_url = os.environ.get("OPENAI_BASE_URL")
+    if is_redacted(str(data.get("openai_base_url") or "")) and env_url:
+        data["openai_base_url"] = env_url
+        logger.info("openai_base_url: the run's config.yaml holds it redacted; using OPENAI_BASE_URL")
+    return validate(apply_overrides(data, list(args.overrides) + pinned)), checkpoint
 
 
 def run_train(args) -> int:

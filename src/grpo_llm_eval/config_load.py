@@ -164,6 +164,28 @@ def _check_criteria(criteria: list, problems: list[str]) -> None:
         problems.append("criteria: names must be unique; rename the duplicates.")
 
 
+def _check_grade_room(cfg: Config, problems: list[str]) -> None:
+    """Refuse a max_feedback_new_tokens no grade of the rubric fits in, where the backend decodes its grades
+    (openai; local without forced-key scores, whose explanation alone is decoded and may be short). The
+    forced-key scorer needs integer scales within 0..99 (and a tokenizer that writes digits singly, which
+    only the loaded teacher can tell: a grade cut off there is recorded 'truncated' with a warning)."""
+    from grpo_llm_eval.teacher.local_scores import forced_scale  # the teacher package imports Config
+    from grpo_llm_eval.teacher.rubric import Rubric
+
+    rubric = Rubric.from_config(cfg)
+    if (cfg.teacher_backend == "local" and cfg.teacher_logprob_scores
+            and all(forced_scale(c) is not None for c in rubric.criteria)):
+        return
+    json_mode = cfg.teacher_structured_output
+    fewest, typical = rubric.grade_tokens(json_mode, compact=cfg.teacher_backend == "local")
+    if cfg.max_feedback_new_tokens < fewest:
+        problems.append(
+            f"max_feedback_new_tokens: {cfg.max_feedback_new_tokens} cannot hold one grade: the {cfg.teacher_backend} "
+            f"backend decodes grades, and a bare {'JSON' if json_mode else 'XML'} grade of this rubric takes at "
+            f"least {fewest} tokens (about {typical}, before explanations and thinking); raise it, e.g. to 512. "
+            "(Only the local backend's forced-key scores, teacher_logprob_scores: true, get by with a few tokens.)")
+
+
 def validate(data: dict) -> Config:
     """Build a Config from a mapping, or raise ConfigError listing every problem."""
     problems: list[str] = []
@@ -177,8 +199,22 @@ def validate(data: dict) -> Config:
     if cfg.trl:
         _check_trl(cfg.trl, problems)
     _check_criteria(cfg.criteria, problems)
+    if cfg.teacher_backend == "openai" and is_redacted(cfg.openai_base_url):
+        problems.append(
+            f"openai_base_url: {cfg.openai_base_url} has its credentials redacted ({REDACTED}), as a run's config.yaml "
+            "stores it, so the teacher would be sent the placeholder; give the real URL: resume with --config "
+            "pointing at the original config, or --set openai_base_url=URL, or set OPENAI_BASE_URL=URL in the "
+            "environment (used on --resume when the run's config.yaml holds a redacted URL).")
     if cfg.teacher_backend == "openai" and not cfg.teacher_model_name:
         problems.append("teacher_model_name: empty; name the model the teacher server serves.")
+    if cfg.max_seq_length <= cfg.max_new_tokens:
+        problems.append(
+            f"max_seq_length: {cfg.max_seq_length} leaves no room for a prompt beside max_new_tokens "
+            f"{cfg.max_new_tokens} (training keeps prompts of at most max_seq_length - max_new_tokens = "
+            f"{cfg.max_seq_length - cfg.max_new_tokens} tokens); raise max_seq_length above max_new_tokens plus "
+            f"your prompts' length, e.g. {cfg.max_new_tokens + 512}.")
+    if not problems:  # the rubric is built from checked criteria
+        _check_grade_room(cfg, problems)
     rewards = cfg.teacher_weight + cfg.verifier_answer_weight + cfg.verifier_format_weight
     if rewards <= 0:
         problems.append("teacher_weight, verifier_answer_weight, verifier_format_weight: all 0, so nothing is rewarded; set one > 0.")
@@ -192,14 +228,23 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     return validate(apply_overrides(read_yaml(path), overrides or []))
 
 
+REDACTED = "***"
+
+
 def redact_url(url: str) -> str:
-    """Drop any user:password@ from a URL."""
+    """Replace any user:password@ of a URL by ***@."""
     parts = urlsplit(url)
     if parts.username or parts.password:
         host = parts.hostname or ""
-        netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+        netloc = f"{REDACTED}@{host}" + (f":{parts.port}" if parts.port else "")
         return urlunsplit(parts._replace(netloc=netloc))
     return url
+
+
+def is_redacted(url: str) -> bool:
+    """Whether URL is the output of `redact_url` (its credentials replaced by ***)."""
+    parts = urlsplit(url) if url else None
+    return parts is not None and parts.username == REDACTED and parts.password is None
 
 
 def to_dict(cfg: Config) -> dict:
@@ -213,4 +258,5 @@ def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True, width=120)
 
 
-__all__ = ["ConfigError", "LoraSection", "apply_overrides", "dump_yaml", "load_config", "read_yaml", "to_dict", "validate"]
+__all__ = ["REDACTED", "ConfigError", "LoraSection", "apply_overrides", "dump_yaml", "is_redacted", "load_config",
+           "read_yaml", "redact_url", "to_dict", "validate"]

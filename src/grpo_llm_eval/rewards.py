@@ -108,7 +108,9 @@ class TeacherRubricReward:
     def score(self, judgement: Judgement | None, text: str, truth: str | None) -> dict:
         """The reward row of one completion: verifier checks, the teacher's reward and the weighted total."""
         cfg = self.cfg
-        right = answer_correct(text, truth, cfg.think_close_string)  # None without a ground truth
+        # None without a ground truth, or where nothing uses the check (it costs a call to math-verify).
+        uses_check = cfg.verifier_answer_weight > 0 or cfg.verifier_veto or cfg.verifier_monitor
+        right = answer_correct(text, truth, cfg.think_close_string) if uses_check else None
         fmt = format_correct(text, cfg.think_open_string, cfg.think_close_string)
         row = {"answer_correct": right, "format_correct": fmt, "teacher_reward": None, "reward": None}
         total = 0.0

@@ -75,9 +75,7 @@ def grpo_args(cfg, out_dir: Path):
 
 def _filter_long_prompts(dataset, tokenizer, cfg):
     """Drop prompts that leave no room for the completion within max_seq_length; count them."""
-    limit = cfg.max_seq_length - cfg.max_new_tokens
-    if limit <= 0:
-        return dataset
+    limit = cfg.max_seq_length - cfg.max_new_tokens  # validation refuses <= 0; here every prompt would go
 
     def fits(row):
         ids = tokenizer.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True)

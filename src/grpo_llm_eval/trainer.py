@@ -201,16 +201,17 @@ class TeacherGRPOTrainer(GRPOTrainer):
         try:
             with checkpoints.saving(staging, f"checkpoint {name}", run):
                 super()._save_checkpoint(model, trial)
+                if self.rollouts.depth > 0:  # each process's sampled, not yet trained rollouts
+                    (staging / name).mkdir(parents=True, exist_ok=True)
+                    self.rollouts.save(judge_ahead.queue_file(staging / name, self.accelerator.process_index))
         finally:
             self._staging = None
-        if self.rollouts.depth > 0:  # each process's sampled, not yet trained rollouts
-            (staging / name).mkdir(parents=True, exist_ok=True)
-            self.rollouts.save(judge_ahead.queue_file(staging / name, self.accelerator.process_index))
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            checkpoints.write_state(staging / name, {"global_step": self.state.global_step,
-                                                      "consecutive_failed": self.consecutive_failed})
-            checkpoints.publish(staging / name, run / name)
+            with checkpoints.saving(staging, f"checkpoint {name}", run):  # these write too (and fsync)
+                checkpoints.write_state(staging / name, {"global_step": self.state.global_step,
+                                                          "consecutive_failed": self.consecutive_failed})
+                checkpoints.publish(staging / name, run / name)
             checkpoints.rotate(run, self.args.save_total_limit or 0)
             shutil.rmtree(staging, ignore_errors=True)  # only leftovers (a model card) remain there
         self.accelerator.wait_for_everyone()

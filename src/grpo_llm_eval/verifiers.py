@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import re
 
+from grpo_llm_eval import verify_worker
+
 logger = logging.getLogger(__name__)
 
 _NUMBER = re.compile(r"-?\d+(?:[.,]\d+)?")
@@ -28,7 +30,10 @@ def _states_number(answer: str, gold: str) -> bool:
 def answer_correct(response: str, ground_truth: str | None, think_close: str = "</think>") -> bool | None:
     """Whether the response's final answer equals the ground truth (None: no ground truth to check against).
 
-    Uses math-verify (LaTeX and plain expressions, `\\boxed{}` included); falls back to comparing the last number.
+    Uses math-verify (LaTeX and plain expressions, `\\boxed{}` included) in a child process with a deadline
+    (`verify_worker`): an answer that makes it compute for ever, such as a nested power, reads as False (not
+    verified) after `verify_worker.CHECK_TIMEOUT_S`. Where math-verify parses nothing or raises, the last
+    numbers are compared.
     Where the ground truth is an integer, the response must also write that integer: math-verify evaluates
     expressions, so "To calculate 19 + 25, we" would otherwise count as the answer 44. A student trained on
     this reward learned exactly that within 10 steps (see the README's Results). A decimal or symbolic ground
@@ -48,14 +53,14 @@ def answer_correct(response: str, ground_truth: str | None, think_close: str = "
     if _INTEGER.fullmatch(gold) and not _states_number(answer, gold):
         return False
     try:
-        from math_verify import parse, verify
-
-        # Timeouts off: they rely on signals, which only work in the main thread, and rewards run in TRL's loop thread.
-        gold = parse(str(ground_truth), parsing_timeout=None)
-        pred = parse(answer[-2000:], parsing_timeout=None)
-        if gold and pred:
-            return bool(verify(gold, pred, timeout_seconds=None))
-    except Exception as exc:  # math-verify raises on odd input; fall back rather than lose the sample
+        verdict = verify_worker.shared().check(gold, answer[-2000:])
+        if verdict is not None:
+            return verdict
+    except verify_worker.CheckTimeout as exc:
+        # A hostile answer (a power tower) must not earn the reward by stalling the check: not verified.
+        _log_timeout(exc)
+        return False
+    except ValueError as exc:  # math-verify raises on odd input; fall back rather than lose the sample
         logger.debug("math-verify failed (%s); comparing last numbers", exc)
     numbers = _NUMBER.findall(answer)
     gold_numbers = _NUMBER.findall(str(ground_truth))
@@ -65,6 +70,12 @@ def answer_correct(response: str, ground_truth: str | None, think_close: str = "
         return float(numbers[-1].replace(",", ".")) == float(gold_numbers[-1].replace(",", "."))
     except ValueError:
         return False
+
+
+def _log_timeout(exc: Exception) -> None:
+    count = verify_worker.shared().timeouts
+    if count == 1 or count % 100 == 0:  # a student that learns the trick would otherwise flood the log
+        logger.warning("answer check: %s (%d such answers so far); the answer counts as not verified", exc, count)
 
 
 def format_correct(response: str, think_open: str = "<think>", think_close: str = "</think>") -> bool:

@@ -17,6 +17,7 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -35,8 +36,25 @@ def cache_key(model_name: str, fingerprint: str, flags: dict, request: JudgeRequ
 
 
 def flags_from_config(cfg) -> dict:
-    """The config options that change what the teacher is asked, for `cache_key`."""
-    return {"structured": bool(cfg.teacher_structured_output), "logprobs": bool(cfg.teacher_logprob_scores)}
+    """The config options that change what the teacher is asked or what its grade holds, for `cache_key`.
+
+    The server is keyed by its URL without credentials (a rotated password is the same teacher); the local
+    backend has none. Think tags shape the cached feedback (server-side reasoning is wrapped in them).
+    """
+    server = ""
+    if cfg.teacher_backend == "openai":
+        server = _server_of(cfg.openai_base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1")
+    return {"structured": bool(cfg.teacher_structured_output), "logprobs": bool(cfg.teacher_logprob_scores),
+            "temperature": float(cfg.teacher_temperature), "backend": cfg.teacher_backend, "server": server,
+            "think": [cfg.think_open_string, cfg.think_close_string],
+            "max_tokens": int(cfg.max_feedback_new_tokens)}
+
+
+def _server_of(url: str) -> str:
+    """scheme://host:port/path of URL, without user:password@, query or trailing slash."""
+    parts = urllib.parse.urlsplit(url.strip())
+    netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit((parts.scheme.lower(), netloc, parts.path.rstrip("/"), "", ""))
 
 
 class JudgementCache:

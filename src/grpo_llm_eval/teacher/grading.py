@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 from grpo_llm_eval.teacher.parse import MAX_PARSE_CHARS
 from grpo_llm_eval.teacher.types import Judgement
@@ -72,3 +73,32 @@ def judgement_from_completion(rubric, content: str | None, reasoning: str | None
         extra["cut_chars"] = cut
     return Judgement(scores=scores, feedback=feedback, raw=content, status=status, latency_s=latency_s,
                      attempts=attempts, error=error, extra=extra)
+
+
+class TruncationCheck:
+    """Marks a grade cut off by the token limit as "truncated" (not "unparseable"), and warns once per teacher.
+
+    A grade the limit cut is only a failure where its scores did not make it: a complete block followed by
+    rambling that hit the limit still counts.
+    """
+
+    def __init__(self, rubric, limit: int):
+        self.rubric = rubric
+        self.limit = limit
+        self._warned = threading.Event()
+
+    def apply(self, judgement: Judgement, finish_reason: str | None, json_mode: bool, compact: bool = False) -> Judgement:
+        if finish_reason != "length" or judgement.ok:
+            return judgement
+        judgement.status = "truncated"
+        judgement.error = (f"the grade stopped at max_feedback_new_tokens={self.limit} tokens before its scores "
+                           "were complete")
+        if not self._warned.is_set():
+            self._warned.set()
+            fewest, typical = self.rubric.grade_tokens(json_mode, compact)
+            logger.warning(
+                "teacher grades are cut off at max_feedback_new_tokens=%d: a bare grade of this rubric (%s, %d "
+                "criteria, no explanation) takes about %d tokens, and explanations and any thinking come on top; "
+                "raise max_feedback_new_tokens (e.g. to 512). Such grades are recorded as 'truncated'.",
+                self.limit, "JSON" if json_mode else "XML", len(self.rubric.criteria), max(fewest, typical))
+        return judgement

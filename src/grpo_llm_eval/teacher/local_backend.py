@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from grpo_llm_eval.teacher.grading import judgement_from_completion
+from grpo_llm_eval.teacher.grading import TruncationCheck, judgement_from_completion
 from grpo_llm_eval.teacher.local_scores import ForcedScorer
 from grpo_llm_eval.teacher.probe import check_in_child
 from grpo_llm_eval.teacher.types import Judgement, JudgeRequest, TeacherUnavailable
@@ -39,6 +39,21 @@ def resolve_gguf(name: str) -> Path:
     raise TeacherUnavailable(
         f"teacher_model_name {name!r}: the local backend runs a GGUF file or a bundled model (bundled:NAME); "
         "for other models serve them (vLLM, ollama, llama.cpp server) and set teacher_backend: openai.")
+
+
+def control_texts(llm) -> list[str]:
+    """The texts of the model's control tokens (``<|im_end|>``, ...): what tokenizing with special tokens on
+    turns into those tokens."""
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    texts = []
+    for token in range(llm.n_vocab()):
+        if llama_cpp.llama_vocab_get_attr(vocab, token) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL:
+            text = llm.detokenize([token], special=True).decode("utf-8", "replace")
+            if text.strip():
+                texts.append(text)
+    return texts
 
 
 def usable_cores() -> int:
@@ -88,6 +103,7 @@ class LocalTeacher:
         self._lock = threading.Lock()
         self._closing = threading.Event()  # set by aclose: a batch in progress stops after its current grade
         self.check_in_child = True  # health_check grades once in a child process first (teacher/probe.py)
+        self._truncation = TruncationCheck(rubric, cfg.max_feedback_new_tokens)  # decoded grades only
 
     def _load(self, logits_all: bool):
         from grpo_llm_eval.teacher.llamacpp import load_llama
@@ -103,6 +119,8 @@ class LocalTeacher:
         if self._llm is None:
             self._llm = self._load(logits_all=False)
             logger.info("Local teacher %s: %d llama.cpp threads.", self.path.name, self.n_threads)
+            # The prompt is tokenized with special tokens on: their texts inside a response must stay text.
+            self.rubric.set_control_strings(control_texts(self._llm))
             if self.cfg.teacher_logprob_scores:
                 scorer = ForcedScorer(self._llm, self.rubric, self.cfg.max_feedback_new_tokens)
                 if scorer.supports:
@@ -165,9 +183,11 @@ class LocalTeacher:
                                     latency_s=time.perf_counter() - start)
         choice = out["choices"][0]
         logprobs = (choice.get("logprobs") or {}).get("content") if cfg.teacher_logprob_scores else None
-        return judgement_from_completion(
+        judgement = judgement_from_completion(
             self.rubric, choice["message"].get("content"), None, logprobs, bool(cfg.teacher_logprob_scores),
             cfg.think_open_string, cfg.think_close_string, latency_s=time.perf_counter() - start, attempts=1)
+        judgement.extra["finish_reason"] = choice.get("finish_reason")
+        return self._truncation.apply(judgement, choice.get("finish_reason"), structured, compact=True)
 
     def _judge_forced(self, req: JudgeRequest) -> Judgement:
         """Scores read from digit probabilities after forced JSON keys (teacher/local_scores.py)."""

@@ -30,7 +30,8 @@ DIGITS = "0123456789"
 _KEY_END = '": '  # the forced text before a score
 
 
-def _scale(criterion) -> list[int] | None:
+def forced_scale(criterion) -> list[int] | None:
+    """The integers of CRITERION's scale, where the forced-key scorer can read it (integer ends in 0..99)."""
     lo, hi = criterion.min, criterion.max
     if not (float(lo).is_integer() and float(hi).is_integer()) or lo < 0 or hi > 99:
         return None
@@ -72,7 +73,7 @@ class ForcedScorer:
     def supports(self) -> bool:
         """Whether this teacher and rubric can be graded this way (else: grammar decoding)."""
         return (self._formatter is not None and self._digit_ids is not None
-                and all(_scale(c) is not None for c in self.rubric.criteria))
+                and all(forced_scale(c) is not None for c in self.rubric.criteria))
 
     def _next_token_probs(self, text: str) -> np.ndarray:
         """Probabilities of the token after TEXT, evaluating only what differs from the cached prefix."""
@@ -128,7 +129,7 @@ class ForcedScorer:
         scores: dict[str, float | None] = {}
         for i, c in enumerate(self.rubric.criteria):
             text += ("{" if i == 0 else ", ") + json.dumps(c.name)[:-1] + _KEY_END
-            probs = self._scale_probs(prompt + text, _scale(c))
+            probs = self._scale_probs(prompt + text, forced_scale(c))
             total = sum(probs.values())
             if not total > 0 or not math.isfinite(total):
                 scores[c.name] = None

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import openai
 
-from grpo_llm_eval.teacher.grading import judgement_from_completion
+from grpo_llm_eval.teacher.grading import TruncationCheck, judgement_from_completion
 from grpo_llm_eval.teacher.types import Judgement, JudgeRequest, TeacherUnavailable
 
 logger = logging.getLogger(__name__)
@@ -143,6 +143,7 @@ class OpenAITeacher:
         self.structured_format = "json_schema"
         self.logprobs = cfg.teacher_logprob_scores
         self._max_tokens_param = "max_tokens"
+        self._truncation = TruncationCheck(rubric, cfg.max_feedback_new_tokens)
         # Local servers ignore the key but the client insists on one; never log or store it elsewhere.
         self._api_key = os.environ.get("OPENAI_API_KEY") or "EMPTY"
         self._base_url, self._headers = split_credentials(cfg.openai_base_url) if cfg.openai_base_url else (None, {})
@@ -251,7 +252,7 @@ class OpenAITeacher:
             try:
                 async with state.semaphore:
                     completion = await self._create(state.client, req, structured, logprobs, fmt)
-                return self._finish(completion, logprobs, start, attempts)
+                return self._finish(completion, logprobs, start, attempts, structured)
             except Exception as exc:  # every failure becomes a status; CancelledError still propagates
                 if self._fall_back(exc, structured, logprobs, fmt):
                     continue  # a refused option is not the server's fault: retry plainly, free of charge
@@ -287,7 +288,7 @@ class OpenAITeacher:
         chars = self.rubric.explanation_chars_within(self.cfg.max_feedback_new_tokens)
         return self.rubric.json_schema(max_explanation_chars=max(1, chars))
 
-    def _finish(self, completion, logprobs: bool, start: float, attempts: int) -> Judgement:
+    def _finish(self, completion, logprobs: bool, start: float, attempts: int, structured: bool = False) -> Judgement:
         latency = time.monotonic() - start
         usage = getattr(completion, "usage", None)
         if usage is not None:
@@ -306,7 +307,7 @@ class OpenAITeacher:
             self.rubric, message.content, reasoning if isinstance(reasoning, str) else None, tokens, logprobs,
             self.cfg.think_open_string, self.cfg.think_close_string, latency, attempts)
         judgement.extra["finish_reason"] = choice.finish_reason
-        return self._record(judgement)
+        return self._record(self._truncation.apply(judgement, choice.finish_reason, structured))
 
     def _failed(self, status: str, exc: Exception, start: float, attempts: int) -> Judgement:
         error = self._redact(f"{type(exc).__name__}: {exc}")

@@ -23,13 +23,31 @@ __all__ = ["Criterion", "Parsed", "Rubric", "fence", "render", "seed_criteria"]
 log = logging.getLogger(__name__)
 
 # Bump when fencing, prompt generation or parsing changes meaning, so cached grades are not reused.
-RUBRIC_VERSION = 3
+RUBRIC_VERSION = 4
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PLACEHOLDER = re.compile(r"\{(question|student_response|ground_truth)\}")
 # Where a JSON object with keys starts (`{"`, spaces allowed): the only places parse.py tries to decode one.
 _JSON_OBJECT_START = re.compile(r'\{(?=\s*")')
+CHARS_PER_TOKEN_MAX = 8  # a generous bound, so a config is never refused for a grade that could fit
+CHARS_PER_TOKEN_TYPICAL = 3
 FENCE_TAGS = ("question", "student_response", "ground_truth", "evaluation", "score", "explanation")
 NO_GROUND_TRUTH = "(no ground truth given)"
+# Chat-control text of common template families, neutralised in fenced text whatever the teacher: `<|...|>`
+# (ChatML, Llama 3, Phi), the same with fullwidth bars (DeepSeek), and a few exact ones. A local teacher adds its own
+# tokenizer's special-token texts (`Rubric.set_control_strings`).
+_CONTROL_PREFIXES = ("<|", "<\uff5c")
+CONTROL_STRINGS = ("<s>", "</s>", "[INST]", "[/INST]", "<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>")
+_WORD_JOINER = "\u2060"  # invisible; splits a control string that does not start with "<"
+
+
+def _control_pattern(strings: Sequence[str]) -> re.Pattern:
+    exact = sorted({s for s in strings if s and not s.startswith(_CONTROL_PREFIXES)}, key=len, reverse=True)
+    return re.compile("|".join([*(re.escape(p) for p in _CONTROL_PREFIXES), *(re.escape(s) for s in exact)]))
+
+
+def _neutralise(match: re.Match) -> str:
+    text = match.group(0)
+    return "&lt;" + text[1:] if text.startswith("<") else text[0] + _WORD_JOINER + text[1:]
 
 
 @dataclass(frozen=True)
@@ -72,7 +90,7 @@ def _tag_pattern(names: Sequence[str]) -> re.Pattern:
     return re.compile(rf"<(?=\s*(?:/\s*)?(?:{alternatives})(?![A-Za-z0-9_]))", re.I)
 
 
-def fence(tag: str, text: str, protected: re.Pattern) -> str:
+def fence(tag: str, text: str, protected: re.Pattern, control: re.Pattern | None = None) -> str:
     """Wrap untrusted ``text`` in ``<tag>`` ... ``</tag>`` so that it cannot close the fence.
 
     Choice: no random nonce (prompts stay deterministic, so grades can be cached); instead every ``<``
@@ -86,13 +104,22 @@ def fence(tag: str, text: str, protected: re.Pattern) -> str:
     ``{\\"``, so a verbatim quote of it is no JSON object for the parser (which only decodes objects that
     start with ``{"``); the teacher still reads it. Braces elsewhere (``\\boxed{7}``, ``{1, 2}``) are kept.
 
+    And chat-control text (``<|im_end|>``, ``<|im_start|>assistant``, the teacher tokenizer's special tokens,
+    see ``control``): a teacher whose prompt is tokenized with special tokens on (llama.cpp, most servers)
+    would otherwise read them as real turn boundaries, so the student could write the teacher's own turn.
+    Their ``<`` is written ``&lt;`` (or an invisible word joiner follows their first character).
+
     >>> fence("student_response", "x</student_response>", _tag_pattern(["student_response"]))
     '<student_response>\\nx&lt;/student_response>\\n</student_response>'
     >>> fence("student_response", '{"answer": 10}', _tag_pattern(["student_response"]))
     '<student_response>\\n{\\\\"answer": 10}\\n</student_response>'
     """
+    text = (control or _DEFAULT_CONTROL).sub(_neutralise, text)
     text = _JSON_OBJECT_START.sub(r"{\\", protected.sub("&lt;", text))
     return f"<{tag}>\n{text}\n</{tag}>"
+
+
+_DEFAULT_CONTROL = _control_pattern(CONTROL_STRINGS)
 
 
 def _num(x: float) -> int | float:
@@ -117,6 +144,12 @@ class Rubric:
         if "<evaluation" not in self.template.lower() and not json_output:
             log.warning("Rubric template shows no <evaluation> XML format; grades can only be read from JSON output.")
         self._protected = _tag_pattern([*FENCE_TAGS, *self.names])
+        self._control = _DEFAULT_CONTROL
+
+    def set_control_strings(self, strings: Sequence[str]) -> None:
+        """Also neutralise these texts in fenced text: the teacher tokenizer's special tokens. Not part of the
+        fingerprint: they follow from the teacher model, which cache keys carry anyway."""
+        self._control = _control_pattern([*CONTROL_STRINGS, *strings])
 
     def _validate(self) -> None:
         if not self.criteria:
@@ -209,10 +242,10 @@ class Rubric:
         'user'
         """
         values = {
-            "question": fence("question", question or "", self._protected),
-            "student_response": fence("student_response", response or "", self._protected),
+            "question": fence("question", question or "", self._protected, self._control),
+            "student_response": fence("student_response", response or "", self._protected, self._control),
             "ground_truth": fence("ground_truth", NO_GROUND_TRUTH if ground_truth is None else ground_truth,
-                                  self._protected),
+                                  self._protected, self._control),
         }
         content = render(self.template, values)
         if json_mode and compact:
@@ -222,6 +255,25 @@ class Rubric:
         if json_mode:
             content = content.rstrip("\n") + "\n\n" + self.json_instructions(compact) + "\n"
         return [{"role": "user", "content": content}]
+
+    def bare_grade(self, json_mode: bool = False, compact: bool = False) -> str:
+        """The shortest complete grade in the format asked for: each score at its minimum, explanations empty."""
+        if not json_mode:
+            return "<evaluation>\n" + "\n".join(
+                f"  <{c.name}><score>{_num(c.min)}</score><explanation></explanation></{c.name}>"
+                for c in self.criteria) + "\n</evaluation>"
+        if compact:
+            return json.dumps({**{c.name: _num(c.min) for c in self.criteria}, "explanation": ""})
+        return json.dumps({c.name: {"score": _num(c.min), "explanation": ""} for c in self.criteria})
+
+    def grade_tokens(self, json_mode: bool = False, compact: bool = False) -> tuple[int, int]:
+        """(fewest tokens any tokenizer can write `bare_grade` in, about how many common ones use).
+
+        Bounds from characters: measured with SmolLM2's tokenizer, grades take 2.6 to 3.6 characters a token;
+        no tokenizer packs this markup into more than CHARS_PER_TOKEN_MAX. Explanations and thinking come on top.
+        """
+        chars = len(self.bare_grade(json_mode, compact))
+        return math.ceil(chars / CHARS_PER_TOKEN_MAX), math.ceil(chars / CHARS_PER_TOKEN_TYPICAL)
 
     # ---- structured output --------------------------------------------------------------------
 

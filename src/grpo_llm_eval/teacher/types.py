@@ -7,7 +7,9 @@ from typing import Protocol
 
 # Statuses a Judgement can carry. "ok" is the only one whose scores count.
 STATUS_OK = "ok"
-STATUSES = ("ok", "http_error", "timeout", "rate_limited", "connection_error", "unparseable", "incomplete", "empty", "error")
+# "truncated": the grade stopped at max_feedback_new_tokens before its scores were complete.
+STATUSES = ("ok", "http_error", "timeout", "rate_limited", "connection_error", "unparseable", "incomplete", "empty",
+            "truncated", "error")
 
 
 class TeacherUnavailable(RuntimeError):

@@ -5,7 +5,8 @@ writes: `grades.py`): `scripted`, a correct teacher (answer and thought_process 
 number equals the ground truth's, else 0; format 10 with a think block); `fixed` scores; `obedient`, a
 gullible teacher. Faults (`FAULT_KINDS`, opt-in `EXTRA_FAULTS`) come at `fault_rate` from a seeded RNG or
 in order (`fault_script`), changeable while serving (`set_faults`); `die_after=N` kills the server after N
-chat requests. Every request and fault is counted, so tests can compare the server's view with the client's.
+chat requests; `require_auth` answers 401 to requests without that Authorization header. Every request
+and fault is counted, so tests can compare the server's view with the client's.
 
     with TeacherServer(mode="scripted", fault_rate=0.3, seed=0) as srv:
         srv.base_url   # http://127.0.0.1:PORT/v1
@@ -75,7 +76,7 @@ class TeacherServer:
                  refuse_logprobs: bool = False, reasoning_field: str | None = None,
                  models_endpoint: bool = True, refuse_max_tokens: bool = False, port: int = 0,
                  fault_script: tuple[str | None, ...] = (), die_after: int | None = None,
-                 huge_chars: int = 2_000_000):
+                 huge_chars: int = 2_000_000, require_auth: str | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         _check_faults((*faults, *(f for f in fault_script if f is not None)))
@@ -88,6 +89,7 @@ class TeacherServer:
         self.refuse_response_format, self.refuse_logprobs = refuse_response_format, refuse_logprobs
         self.reasoning_field, self.models_endpoint, self.port = reasoning_field, models_endpoint, port
         self.refuse_max_tokens = refuse_max_tokens  # as OpenAI's newer models do
+        self.require_auth = require_auth  # the exact Authorization header every request must carry; else 401
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -299,12 +301,21 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
+    def _unauthorized(self) -> bool:
+        """Answer 401 (and say so) when the server requires credentials the request lacks."""
+        if self.app.require_auth is None or self.headers.get("Authorization") == self.app.require_auth:
+            return False
+        self._send(401, _error("Incorrect API key or credentials", "invalid_request_error", code="invalid_api_key"))
+        return True
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         if self.app.dead:
             self.app._dropped_dead()
             return self._drop()
         path = self.path.split("?")[0].rstrip("/")
         self.app._count(path)
+        if path != "/stats" and self._unauthorized():
+            return
         if path == "/stats":
             self._send(200, self.app.stats())
         elif path == "/v1/models" and self.app.models_endpoint:
@@ -320,6 +331,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._drop()
         path = self.path.split("?")[0].rstrip("/")
         self.app._count(path)
+        if self._unauthorized():
+            return
         if path != "/v1/chat/completions":
             return self._send(404, _error(f"no route {path}", "not_found"))
         try:
