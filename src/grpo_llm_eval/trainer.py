@@ -18,6 +18,7 @@ from trl import GRPOTrainer
 
 from grpo_llm_eval import checkpoints, judge_ahead, sft
 from grpo_llm_eval.callbacks import StepTimer
+from grpo_llm_eval.skip_update import SkipUngradedUpdates
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class TeacherGRPOTrainer(GRPOTrainer):
         self._replay: tuple | None = None
         self.times: dict[str, float] = defaultdict(float)  # this step's seconds by part; StepTimer logs them
         self.add_callback(StepTimer(self))
+        self.skip_updates = SkipUngradedUpdates()
+        self.add_callback(self.skip_updates)
         self._compiled_generation = False
         if run_cfg is not None and run_cfg.fast_generation:
             self._use_compiled_generation()
@@ -169,7 +172,8 @@ class TeacherGRPOTrainer(GRPOTrainer):
         if not model.training:
             return loss
         if self.all_grades_failed:
-            return loss * 0.0  # nothing was graded: no update, not even the KL pull
+            return loss * 0.0  # nothing was graded: no gradient, and skip_updates skips the optimizer step
+        self.skip_updates.graded()
         cfg = self.run_cfg
         if cfg is None or cfg.sft_beta <= 0:
             return loss
