@@ -113,6 +113,16 @@ def make_trainer(tiny_model, tmp_path, server, **extra):
     return cfg, trainer
 
 
+def full_logits_sft_loss(model, batch):
+    """The plain reference: one forward pass with full-vocabulary logits, mean cross-entropy on the targets."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    n_tokens = int((labels != sft.IGNORE).sum())
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                             ignore_index=sft.IGNORE, reduction="sum")
+    return loss / n_tokens, n_tokens
+
+
 def grads(loss, params):
     return torch.autograd.grad(loss, params, allow_unused=True)
 
@@ -131,7 +141,7 @@ class TestCombinedGradient:
         total = grads(trainer.compute_loss(model, inputs), params)
         grpo = grads(GRPOTrainer.compute_loss(trainer, model, inputs), params)
         chunk = trainer.sft_chunks[trainer._step % trainer.args.steps_per_generation]
-        s_loss, n_tokens = sft.sft_loss(model, sft.collate(chunk, trainer.processing_class.pad_token_id, "cpu"))
+        s_loss, n_tokens = full_logits_sft_loss(model, sft.collate(chunk, trainer.processing_class.pad_token_id, "cpu"))
         assert n_tokens > 0 and math.isfinite(s_loss.item())
         sft_g = grads(s_loss, params)
         accum = trainer.current_gradient_accumulation_steps

@@ -82,17 +82,3 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, device) ->
         labels[row, : len(lab)] = torch.tensor(lab)
         mask[row, : len(i)] = 1
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
-
-
-def sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean token cross-entropy over the target tokens, and how many target tokens there were."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = batch["labels"][:, 1:]
-    n_tokens = int((shift_labels != IGNORE).sum())
-    if n_tokens == 0:
-        return logits.sum() * 0.0, 0
-    loss = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
-    return loss / n_tokens, n_tokens
