@@ -69,3 +69,37 @@ class TestUnsloth:
     def test_the_seed_key_still_loads_when_false(self):
         assert validate({"use_unsloth": False}).use_unsloth is False
         assert yaml.safe_load((ROOT / "configs/example.yaml").read_text())["use_unsloth"] is False
+
+
+class TestTrainerRefusesWhatConfigWouldHave:
+    """The same guarantees for library users who build the trainer's GRPOConfig themselves."""
+
+    @pytest.fixture(scope="class")
+    def lora_model(self, tiny_model):
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+        return get_peft_model(model, LoraConfig(r=2, lora_alpha=4, lora_dropout=0.1, target_modules="all-linear"))
+
+    def _args(self, tmp_path, **kw):
+        from trl import GRPOConfig
+
+        return GRPOConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, num_generations=4,
+                          report_to="none", **kw)
+
+    def test_several_iterations_a_long_generation_batch_and_dropout_are_each_named(self, tmp_path, lora_model):
+        from grpo_llm_eval import judge_ahead
+
+        with pytest.raises(ValueError) as info:
+            judge_ahead.check_exact(self._args(tmp_path, num_iterations=2, steps_per_generation=2), lora_model)
+        message = str(info.value)
+        assert "num_iterations is 2" in message and "steps_per_generation (2)" in message
+        assert "dropout (p = 0.1)" in message and "judge_ahead_steps: 0" in message
+
+    def test_plain_settings_pass(self, tmp_path, tiny_model):
+        from transformers import AutoModelForCausalLM
+
+        from grpo_llm_eval import judge_ahead
+
+        judge_ahead.check_exact(self._args(tmp_path), AutoModelForCausalLM.from_pretrained(tiny_model))

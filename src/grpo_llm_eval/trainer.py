@@ -38,6 +38,8 @@ class TeacherGRPOTrainer(GRPOTrainer):
         self._staging: str | None = None
         graded = reward is not None and run_cfg is not None and run_cfg.teacher_weight > 0
         self.rollouts = judge_ahead.RolloutQueue(run_cfg.judge_ahead_steps if graded else 0)
+        if self.rollouts.depth > 0:
+            judge_ahead.check_exact(self.args, self.model)
         self._replay: tuple | None = None
         self.times: dict[str, float] = defaultdict(float)  # this step's seconds by part; StepTimer logs them
         self.add_callback(StepTimer(self))
