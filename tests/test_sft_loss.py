@@ -109,7 +109,35 @@ class TestChunkedLoss:
         finally:
             for h in hooks:
                 h.remove()
-        assert counts == {"forward": 3, "head": 3 * (1 + 2)}  # each pass: its own 1-position call, then 2 chunks
+        # each pass: its own 1-position call, then 2 chunks; plus the first pass's check of the model's logits
+        assert counts == {"forward": 3, "head": 3 * (1 + 2) + 1}
         assert n == 0 and loss.item() == 0.0
         loss.backward()  # the dummies are in the graph: the backward pass runs as on the other processes
         assert all(p.grad is None or not p.grad.abs().any() for p in model.parameters())
+
+
+class TestModelsThatChangeTheirLogits:
+    def test_a_model_with_final_logit_softcapping_is_refused_not_trained_on_the_wrong_distribution(self, tokenizer):
+        """The chunked loss computes logits as output_layer(hidden); Gemma 2 soft-caps them afterwards."""
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        cfg = Gemma2Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5,
+                           pad_token_id=tokenizer.pad_token_id)
+        model = Gemma2ForCausalLM(cfg).train()
+        batches, calls = sft_loss.plan(examples(tokenizer, 1), 64)
+        with pytest.raises(ValueError, match="changes its logits after the output layer"):
+            sft_loss.sft_loss(model, model.get_output_embeddings(), batches, 1, calls, 64, tokenizer.pad_token_id, "cpu")
+
+    def test_a_lora_model_passes_the_check_and_trains_its_adapter(self, tiny_model, tokenizer):
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                               LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights=False)).train()
+        batches, calls = sft_loss.plan(examples(tokenizer, 2), 16)
+        loss, n = sft_loss.sft_loss(model, model.get_output_embeddings(), batches, 1, calls, 16,
+                                    tokenizer.pad_token_id, "cpu")
+        want, _ = full_logits_sft_loss(model, sft.collate(examples(tokenizer, 2), tokenizer.pad_token_id, "cpu"))
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+        loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for n_, p in model.named_parameters() if "lora_" in n_)

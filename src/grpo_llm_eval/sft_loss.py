@@ -69,6 +69,18 @@ def _capture_final_hidden(head: torch.nn.Module):
         handle.remove()
 
 
+def _check_logits_are_the_output_layers(logits: torch.Tensor, head: torch.nn.Module, hidden: torch.Tensor) -> None:
+    """The loss computes logits as HEAD(hidden); a model that changes them afterwards (Gemma 2's final logit
+    soft-capping, Cohere's logit scale) would be trained on the wrong distribution: refuse it."""
+    with torch.no_grad():
+        direct = head(hidden[..., -1:, :].detach())
+    if logits.shape != direct.shape or not torch.allclose(logits.float(), direct.float(), rtol=1e-3, atol=1e-3):
+        raise ValueError(
+            "sft_beta > 0: this model changes its logits after "
+            "the output layer (e.g. final logit soft-capping or a logit scale), which the SFT term's chunked loss "
+            "does not reproduce; set sft_beta: 0 for this model.")
+
+
 def _chunk_ce(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
@@ -91,7 +103,9 @@ def sft_loss(model, head: torch.nn.Module, batches: list[list[Example]], forward
         real = i < len(batches)
         batch = collate(batches[i], pad_id, device) if real else _dummy_batch(pad_id, device)
         with _capture_final_hidden(head) as seen:
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if i == 0:  # the same pass on every process, so an extra output-layer call here stays matched
+            _check_logits_are_the_output_layers(out.logits, head, seen["hidden"])
         hidden = seen["hidden"][:, :-1, :]
         labels = batch["labels"][:, 1:]
         keep = labels != IGNORE
