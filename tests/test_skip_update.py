@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import TrainerCallback
 
@@ -29,12 +30,17 @@ class Snapshots(TrainerCallback):
 
 
 class TestSkippedUpdate:
-    def test_weights_are_bit_identical_across_a_step_whose_grades_all_failed(self, tiny_model, tmp_path):
+    # accumulation 2: one generation batch of 4 prompts (16 calls) serves the step's two micro-steps
+    @pytest.mark.parametrize(("accumulation", "calls_per_step"), [(1, 8), (2, 16)])
+    def test_weights_are_bit_identical_across_a_step_whose_grades_all_failed(self, tiny_model, tmp_path, accumulation,
+                                                                             calls_per_step):
         """Old code returned `loss * 0.0` and let AdamW step anyway: weight decay and the first step's momentum
         moved every weight, and the linear schedule advanced, on a step that had nothing to learn from."""
-        # Step 1 is graded (8 calls: 2 prompts x 4 completions); then the teacher dies, so step 2's grades all fail.
-        with TeacherServer(mode="scripted", die_after=8) as server:
+        # Step 1 is graded (2 prompts x 4 completions per micro-step); then the teacher dies, so step 2's grades
+        # all fail.
+        with TeacherServer(mode="scripted", die_after=calls_per_step) as server:
             _, trainer = make_trainer(tiny_model, tmp_path, server, total_steps=2, judge_ahead_steps=0,
+                                      accumulation_steps=accumulation,
                                       sft_beta=1.0,  # scripted grades of random text are 0: SFT makes step 1 move
                                       teacher_max_retries=0, save_steps=100, trl={"weight_decay": 0.1})
             snaps = Snapshots(trainer)
