@@ -104,6 +104,9 @@ def sft_loss(model, head: torch.nn.Module, batches: list[list[Example]], forward
         batch = collate(batches[i], pad_id, device) if real else _dummy_batch(pad_id, device)
         with _capture_final_hidden(head) as seen:
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if "hidden" not in seen:
+            raise ValueError("sft_beta > 0: this model's forward pass never calls its output layer "
+                             "(get_output_embeddings()), so the SFT term cannot take its hidden states; set sft_beta: 0.")
         if i == 0:  # the same pass on every process, so an extra output-layer call here stays matched
             _check_logits_are_the_output_layers(out.logits, head, seen["hidden"])
         hidden = seen["hidden"][:, :-1, :]
