@@ -29,7 +29,7 @@ def tokenizer(tiny_model):
 
 class TestLabels:
     def test_only_the_feedback_turn_is_learned_token_by_token(self, tokenizer):
-        chat = sft.feedback_messages("What is 2 + 2?", "5", "Let's recheck the previous answer", "Wrong: 2 + 2 = 4.")
+        chat = sft.feedback_messages([{"role": "user", "content": "What is 2 + 2?"}], "5", "Let's recheck the previous answer", "Wrong: 2 + 2 = 4.")
         ids, labels = sft.tokenize_example(tokenizer, chat, max_len=4096)
         prefix = tokenizer.apply_chat_template(chat[:-1], tokenize=False, add_generation_prompt=True)
         n_prefix = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
@@ -42,13 +42,13 @@ class TestLabels:
         assert "5" not in tokenizer.decode(labels[n_prefix:]).split("4.")[0]  # the student's answer is not a target
 
     def test_truncation_cuts_ids_and_labels_together(self, tokenizer):
-        chat = sft.feedback_messages("q", "a", "recheck", "feedback " * 50)
+        chat = sft.feedback_messages([{"role": "user", "content": "q"}], "a", "recheck", "feedback " * 50)
         full_ids, full_labels = sft.tokenize_example(tokenizer, chat, max_len=4096)
         ids, labels = sft.tokenize_example(tokenizer, chat, max_len=len(full_ids) - 20)
         assert ids == full_ids[: len(ids)] and labels == full_labels[: len(labels)]
 
     def test_nothing_to_learn_after_truncation_gives_no_example(self, tokenizer):
-        chat = sft.feedback_messages("q " * 200, "a", "recheck", "feedback")
+        chat = sft.feedback_messages([{"role": "user", "content": "q " * 200}], "a", "recheck", "feedback")
         assert sft.tokenize_example(tokenizer, chat, max_len=16) is None
 
 
@@ -70,6 +70,34 @@ class TestSelectTargets:
         assert [c[-1]["content"] for c in chats] == ["b"]
 
 
+SYSTEM = "Respond in the following format:\n<think>\n...\n</think>\n...\n$\\boxed{answer}$"
+
+
+class TestSftContextIsThePolicysPrompt:
+    def _records(self):
+        prompt = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is 2 + 3?"}]
+        return prompt, [{**rec("What is 2 + 3?", text, reward), "prompt": prompt}
+                        for text, reward in (("4", 0.0), ("5", 1.0))]
+
+    @pytest.mark.parametrize("target", ["feedback", "best_response"])
+    def test_every_sft_chat_starts_with_the_system_prompt_the_policy_saw(self, target):
+        """Old code built SFT chats from the bare question: `best_response` trained on answers in a context
+        (no system prompt) that the policy never samples in, and feedback chats lost the format instructions."""
+        prompt, records = self._records()
+        chats = sft.select_targets(records, target, 2, "recheck")
+        assert chats and all(chat[: len(prompt)] == prompt for chat in chats)
+
+    def test_best_response_example_prefix_is_token_for_token_what_the_policy_was_fed(self, tokenizer):
+        """The tokens before the learned answer are exactly the generation prompt TRL sampled from."""
+        prompt, records = self._records()
+        [chat] = sft.select_targets(records, "best_response", 2, "recheck")
+        ids, labels = sft.tokenize_example(tokenizer, chat, max_len=4096)
+        fed = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        fed_ids = tokenizer(fed, add_special_tokens=False)["input_ids"]
+        assert ids[: len(fed_ids)] == fed_ids and labels[: len(fed_ids)] == [sft.IGNORE] * len(fed_ids)
+        assert tokenizer.decode([t for t in labels if t != sft.IGNORE]).startswith("5")
+
+
 def make_trainer(tiny_model, tmp_path, server, **extra):
     cfg = load_config(None, tiny_overrides(tiny_model, tmp_path, openai_base_url=server.base_url, **extra))
     out = tmp_path / "run"
@@ -83,6 +111,16 @@ def make_trainer(tiny_model, tmp_path, server, **extra):
                                  train_dataset=dataset, processing_class=tok, run_cfg=cfg, recorder=recorder,
                                  reward=reward)
     return cfg, trainer
+
+
+def full_logits_sft_loss(model, batch):
+    """The plain reference: one forward pass with full-vocabulary logits, mean cross-entropy on the targets."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    n_tokens = int((labels != sft.IGNORE).sum())
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                             ignore_index=sft.IGNORE, reduction="sum")
+    return loss / n_tokens, n_tokens
 
 
 def grads(loss, params):
@@ -103,7 +141,7 @@ class TestCombinedGradient:
         total = grads(trainer.compute_loss(model, inputs), params)
         grpo = grads(GRPOTrainer.compute_loss(trainer, model, inputs), params)
         chunk = trainer.sft_chunks[trainer._step % trainer.args.steps_per_generation]
-        s_loss, n_tokens = sft.sft_loss(model, sft.collate(chunk, trainer.processing_class.pad_token_id, "cpu"))
+        s_loss, n_tokens = full_logits_sft_loss(model, sft.collate(chunk, trainer.processing_class.pad_token_id, "cpu"))
         assert n_tokens > 0 and math.isfinite(s_loss.item())
         sft_g = grads(s_loss, params)
         accum = trainer.current_gradient_accumulation_steps

@@ -41,7 +41,7 @@ class LoraSection:
     enabled: bool = _f(False, "Train a LoRA adapter instead of all weights.")
     r: int = _f(16, "LoRA rank.", min=1)
     alpha: int = _f(32, "LoRA alpha (scaling numerator).", min=1)
-    dropout: float = _f(0.05, "LoRA dropout.", min=0.0, max=1.0)
+    dropout: float = _f(0.0, "LoRA dropout; must be 0 with judge_ahead_steps > 0 unless trl.use_vllm (sampling and training log-probs would use different masks).", min=0.0, max=1.0)
     target_modules: Any = _f("all-linear", "Modules to adapt: 'all-linear' or a list of module names.")
     merge_on_save: bool = _f(False, "Also save a merged full model under final/merged/.")
 
@@ -55,7 +55,7 @@ class Config:
     teacher_model_name: str = _f(BUNDLED_STUDENT, "Teacher model: the served model name (openai) or a model (local).")
     teacher_backend: str = _f("local", "Where the teacher runs.", choices=BACKENDS)
     openai_base_url: str = _f("", "OpenAI-compatible base URL of the teacher; empty: the openai library's default. Key from OPENAI_API_KEY.")
-    use_unsloth: bool = _f(False, "Load the student with unsloth (only where it imports and CUDA is there; else a warning).")
+    use_unsloth: bool = _f(False, "Seed key, kept so seed configs load: must be false (true is refused: the student loads with transformers and peft).")
     load_in_4bit: bool = _f(False, "Load the student in 4 bit (only where bitsandbytes and CUDA are there; else a warning).")
     lora: LoraSection = field(default_factory=LoraSection, metadata={"help": "LoRA section (see below)."})
     # ---- data ---------------------------------------------------------------------------------

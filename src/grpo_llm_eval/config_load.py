@@ -185,6 +185,34 @@ def _check_grade_room(cfg: Config, problems: list[str]) -> None:
             f"least {fewest} tokens (about {typical}, before explanations and thinking); raise it, e.g. to 512. "
             "(Only the local backend's forced-key scores, teacher_logprob_scores: true, get by with a few tokens.)")
 
+def _check_judge_ahead(cfg: Config, problems: list[str]) -> None:
+    """Judging ahead is exact only when one generation batch is one optimizer update, trained once, with the
+    same log-probs at sampling and training time (see judge_ahead.py); refuse the settings where it is not."""
+    if cfg.judge_ahead_steps <= 0 or cfg.teacher_weight <= 0:
+        return
+    fix = "or set judge_ahead_steps: 0 to wait for the grades"
+    accum = cfg.trl.get("gradient_accumulation_steps", cfg.accumulation_steps)
+    if cfg.trl.get("num_iterations", 1) != 1:
+        problems.append(
+            f"trl.num_iterations: {cfg.trl['num_iterations']!r} with judge_ahead_steps: {cfg.judge_ahead_steps}: each "
+            "batch would train on several updates, so the lag is not judge_ahead_steps updates and a checkpoint "
+            f"inside a batch's updates would sample its prompts again on resume; drop trl.num_iterations, {fix}.")
+    if "steps_per_generation" in cfg.trl and cfg.trl["steps_per_generation"] != accum:
+        problems.append(
+            f"trl.steps_per_generation: {cfg.trl['steps_per_generation']!r} differs from the accumulation steps "
+            f"({accum}) with judge_ahead_steps: {cfg.judge_ahead_steps}: a generation batch would not be one update "
+            f"(the lag and resuming from a checkpoint would be off); drop trl.steps_per_generation, {fix}.")
+    if "generation_batch_size" in cfg.trl:
+        problems.append(
+            f"trl.generation_batch_size: {cfg.trl['generation_batch_size']!r} with judge_ahead_steps: "
+            f"{cfg.judge_ahead_steps}: judging ahead needs one generation batch per update; drop the key "
+            f"(prompts_per_step and accumulation_steps size the batch), {fix}.")
+    if cfg.lora.enabled and cfg.lora.dropout > 0 and not cfg.trl.get("use_vllm", False):
+        problems.append(
+            f"lora.dropout: {cfg.lora.dropout!r} with judge_ahead_steps: {cfg.judge_ahead_steps}: the log-probs kept "
+            "at sampling and those at training would use different dropout masks, so the importance ratio would be "
+            f"noise even with no lag; set lora.dropout: 0, {fix}.")
+
 
 def validate(data: dict) -> Config:
     """Build a Config from a mapping, or raise ConfigError listing every problem."""
@@ -215,6 +243,13 @@ def validate(data: dict) -> Config:
             f"your prompts' length, e.g. {cfg.max_new_tokens + 512}.")
     if not problems:  # the rubric is built from checked criteria
         _check_grade_room(cfg, problems)
+    if cfg.use_unsloth:
+        problems.append(
+            "use_unsloth: true is not supported: the student is loaded with transformers (and peft for LoRA), and "
+            "unsloth's patched models are untested with this project's TRL trainer; set use_unsloth: false (or "
+            "drop the key). For faster rollouts use trl: {use_vllm: true} (README, 'Several GPUs or machines')."
+        )
+    _check_judge_ahead(cfg, problems)
     rewards = cfg.teacher_weight + cfg.verifier_answer_weight + cfg.verifier_format_weight
     if rewards <= 0:
         problems.append("teacher_weight, verifier_answer_weight, verifier_format_weight: all 0, so nothing is rewarded; set one > 0.")

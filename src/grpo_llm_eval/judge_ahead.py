@@ -12,6 +12,12 @@ sampling correction against vLLM's sampling log-probs does this instead.
 The first call fills the queue by sampling its prompts d + 1 times (fresh samples each time); no rollout is
 sampled that no step will train, and the queue is saved in each checkpoint, so a resumed run continues
 exactly where the uninterrupted one would have.
+
+All of this holds only when one generation batch is one optimizer update trained once (TRL's
+`steps_per_generation` equal to the accumulation steps, `num_iterations` 1: then checkpoints, taken between
+updates, never fall inside a batch) and a forward pass is deterministic (no dropout: sampling-time and
+training-time log-probs would use different masks). `check_exact` refuses anything else; config_load.py
+refuses the same settings with config errors first.
 """
 
 from __future__ import annotations
@@ -69,6 +75,23 @@ class RolloutQueue:
         # Our own file, written by save() above: plain lists, dicts, strings and tensors.
         states = torch.load(path, map_location=device, weights_only=False)
         return [Rollout(s["inputs"], s["generated"], s["old_logps"]) for s in states]
+
+
+def check_exact(args, model) -> None:
+    """Raise ValueError where judging ahead would not be exact (see the module doc): ARGS is the GRPOConfig."""
+    problems = []
+    if args.num_iterations != 1:
+        problems.append(f"num_iterations is {args.num_iterations}, not 1")
+    if args.steps_per_generation != args.gradient_accumulation_steps:
+        problems.append(f"steps_per_generation ({args.steps_per_generation}) differs from gradient_accumulation_steps "
+                        f"({args.gradient_accumulation_steps})")
+    dropout = sorted({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0})
+    if dropout and not args.use_vllm:
+        problems.append(f"the model has dropout (p = {', '.join(map(str, dropout))})")
+    if problems:
+        raise ValueError("judging ahead (judge_ahead_steps > 0) is exact only with one generation batch per update, "
+                         f"trained once, and no dropout; here {'; '.join(problems)}. Fix those, or set "
+                         "judge_ahead_steps: 0.")
 
 
 def remaining_generation_calls(global_step: int, max_steps: int, micro_step: int, grad_accum: int,

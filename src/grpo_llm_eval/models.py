@@ -92,13 +92,11 @@ def resolve_model_path(name: str, cache_dir: str) -> str:
 
 
 def _check_optional(cfg) -> None:
-    """The seed's example asks for unsloth and 4 bit; on a machine without them, warn and go on plainly."""
+    """The seed's example asks for 4 bit; on a machine without it, warn and go on plainly."""
     import torch
 
     if cfg.load_in_4bit and not (torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes")):
         logger.warning("load_in_4bit: needs CUDA and bitsandbytes, not found here; loading in full precision.")
-    if cfg.use_unsloth and not (torch.cuda.is_available() and importlib.util.find_spec("unsloth")):
-        logger.warning("use_unsloth: needs CUDA and unsloth, not found here; using plain transformers.")
 
 
 def load_student(cfg) -> LoadedStudent:

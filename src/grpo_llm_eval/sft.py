@@ -11,10 +11,15 @@ logger = logging.getLogger(__name__)
 IGNORE = -100
 
 
-def feedback_messages(question: str, response: str, recheck: str, feedback: str) -> list[dict]:
-    """[user: question, assistant: student response, user: recheck prompt, assistant: teacher feedback]."""
+def prompt_messages(record: dict) -> list[dict]:
+    """The chat the policy sampled RECORD's completion from (system prompt included); else the bare question."""
+    return [dict(m) for m in record.get("prompt") or [{"role": "user", "content": record["question"]}]]
+
+
+def feedback_messages(prompt: list[dict], response: str, recheck: str, feedback: str) -> list[dict]:
+    """[the policy's prompt (system, user), assistant: student response, user: recheck, assistant: feedback]."""
     return [
-        {"role": "user", "content": question},
+        *prompt,
         {"role": "assistant", "content": response},
         {"role": "user", "content": recheck},
         {"role": "assistant", "content": feedback},
@@ -45,6 +50,8 @@ def tokenize_example(tokenizer, messages: list[dict], max_len: int) -> tuple[lis
 def select_targets(records: list[dict], target: str, num_generations: int, recheck: str) -> list[list[dict]]:
     """Chats to learn from, out of one process's records of a generation batch.
 
+    Each chat starts with the prompt the policy sampled from (system prompt included), so the SFT term trains
+    in the context the policy is used in.
     feedback: every completion graded `ok` with non-empty feedback.
     best_response: the highest-reward completion of each group (ties: the first); groups with no reward or
     whose rewards all tie are skipped, since they say nothing about which answer is better.
@@ -53,14 +60,14 @@ def select_targets(records: list[dict], target: str, num_generations: int, reche
     if target == "feedback":
         for r in records:
             if r.get("judge_status") == "ok" and (r.get("feedback") or "").strip():
-                chats.append(feedback_messages(r["question"], r["completion"], recheck, r["feedback"]))
+                chats.append(feedback_messages(prompt_messages(r), r["completion"], recheck, r["feedback"]))
         return chats
     for start in range(0, len(records), num_generations):
         group = [r for r in records[start:start + num_generations] if r.get("reward") is not None]
         if len(group) < 2 or len({r["reward"] for r in group}) == 1:
             continue
         best = max(group, key=lambda r: r["reward"])  # max keeps the first of equal maxima: deterministic
-        chats.append([{"role": "user", "content": best["question"]}, {"role": "assistant", "content": best["completion"]}])
+        chats.append([*prompt_messages(best), {"role": "assistant", "content": best["completion"]}])
     return chats
 
 
@@ -75,17 +82,3 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, device) ->
         labels[row, : len(lab)] = torch.tensor(lab)
         mask[row, : len(i)] = 1
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
-
-
-def sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean token cross-entropy over the target tokens, and how many target tokens there were."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = batch["labels"][:, 1:]
-    n_tokens = int((shift_labels != IGNORE).sum())
-    if n_tokens == 0:
-        return logits.sum() * 0.0, 0
-    loss = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
-    return loss / n_tokens, n_tokens

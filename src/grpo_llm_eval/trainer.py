@@ -6,6 +6,7 @@ of its methods and calls the originals.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import time
@@ -16,8 +17,9 @@ import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
-from grpo_llm_eval import checkpoints, judge_ahead, sft
+from grpo_llm_eval import checkpoints, judge_ahead, sft, sft_loss
 from grpo_llm_eval.callbacks import StepTimer
+from grpo_llm_eval.skip_update import SkipUngradedUpdates
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +38,13 @@ class TeacherGRPOTrainer(GRPOTrainer):
         self._staging: str | None = None
         graded = reward is not None and run_cfg is not None and run_cfg.teacher_weight > 0
         self.rollouts = judge_ahead.RolloutQueue(run_cfg.judge_ahead_steps if graded else 0)
+        if self.rollouts.depth > 0:
+            judge_ahead.check_exact(self.args, self.model)
         self._replay: tuple | None = None
         self.times: dict[str, float] = defaultdict(float)  # this step's seconds by part; StepTimer logs them
         self.add_callback(StepTimer(self))
+        self.skip_updates = SkipUngradedUpdates()
+        self.add_callback(self.skip_updates)
         self._compiled_generation = False
         if run_cfg is not None and run_cfg.fast_generation:
             self._use_compiled_generation()
@@ -169,23 +175,33 @@ class TeacherGRPOTrainer(GRPOTrainer):
         if not model.training:
             return loss
         if self.all_grades_failed:
-            return loss * 0.0  # nothing was graded: no update, not even the KL pull
+            return loss * 0.0  # nothing was graded: no gradient, and skip_updates skips the optimizer step
+        self.skip_updates.graded()
         cfg = self.run_cfg
         if cfg is None or cfg.sft_beta <= 0:
             return loss
         chunk = self.sft_chunks[(self._step) % self.args.steps_per_generation] if self.sft_chunks else []
-        if not chunk:
-            self._metric("sft_tokens", 0)
-            return loss
-        pad = self.processing_class.pad_token_id
         start = time.perf_counter()
-        batch = sft.collate(chunk, pad if pad is not None else 0, self.accelerator.device)
-        s_loss, n_tokens = sft.sft_loss(model, batch)
-        self.times["sft_s"] += time.perf_counter() - start  # its forward pass; the backward is in train_s
-        self._metric("sft_loss", s_loss.item())
+        s_loss, n_tokens = self._sft_term(model, chunk)
+        self.times["sft_s"] += time.perf_counter() - start  # its forward passes; the backward is in train_s
         self._metric("sft_tokens", n_tokens)
+        if n_tokens:
+            self._metric("sft_loss", s_loss.item())
         # TRL's policy loss is already divided by the accumulation steps; scale the SFT term the same way.
         return loss + cfg.sft_beta * s_loss / self.current_gradient_accumulation_steps
+
+    def _sft_term(self, model, examples):
+        """The SFT loss in bounded memory, with as many forward passes on every process (see sft_loss.py)."""
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        rows = sft_loss.rows_for(head.out_features)  # not weight.shape: ZeRO-3 partitions it
+        batches, calls = sft_loss.plan(examples, rows)
+        reduce_max = None
+        if self.accelerator.num_processes > 1:
+            reduce_max = functools.partial(self.accelerator.reduce, reduction="max")
+        forwards, calls = sft_loss.agree((len(batches), calls), reduce_max, self.accelerator.device)
+        pad = self.processing_class.pad_token_id
+        return sft_loss.sft_loss(model, head, batches, forwards, calls, rows, pad if pad is not None else 0,
+                                 self.accelerator.device)
 
     # ---- atomic checkpoints -------------------------------------------------------------------------
 

@@ -1,0 +1,105 @@
+"""Settings under which a documented guarantee would silently not hold are refused with a config error that
+names the key, the value and the fix: judging ahead's exactness, and the seed's `use_unsloth`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from grpo_llm_eval.config_load import ConfigError, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def problems_of(data: dict) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        validate(data)
+    return info.value.problems
+
+
+class TestJudgeAheadIsExactOrRefused:
+    def test_several_iterations_per_batch_are_refused(self):
+        """Old code accepted it: with num_iterations 2 the lag was 2d updates, not d, and a checkpoint between
+        a batch's two updates made the resumed run sample already-queued prompts again."""
+        [p] = problems_of({"trl": {"num_iterations": 2}})
+        assert p.startswith("trl.num_iterations: 2") and "judge_ahead_steps: 0" in p
+
+    def test_a_generation_batch_spanning_several_updates_is_refused(self):
+        """Old code accepted steps_per_generation != accumulation steps: a generation batch then served
+        several updates, so the lag and the resume point were off."""
+        [p] = problems_of({"trl": {"steps_per_generation": 2}})
+        assert p.startswith("trl.steps_per_generation: 2") and "accumulation steps (1)" in p
+        [p] = problems_of({"trl": {"generation_batch_size": 64}})
+        assert p.startswith("trl.generation_batch_size: 64")
+
+    def test_steps_per_generation_equal_to_the_accumulation_steps_is_fine(self):
+        assert validate({"accumulation_steps": 2, "trl": {"steps_per_generation": 2}}).judge_ahead_steps == 1
+        [p] = problems_of({"trl": {"gradient_accumulation_steps": 4, "steps_per_generation": 2}})
+        assert "accumulation steps (4)" in p  # the trl section's value is the one TRL uses
+
+    def test_lora_dropout_is_refused_when_our_sampling_log_probs_are_used(self):
+        """Old code accepted it (and 0.05 was the default): the log-probs kept at sampling and those at
+        training used different dropout masks, so the importance ratio was noise even with no lag."""
+        [p] = problems_of({"lora": {"enabled": True, "dropout": 0.05}})
+        assert p.startswith("lora.dropout: 0.05") and "lora.dropout: 0" in p
+        assert validate({"lora": {"enabled": True}}).lora.dropout == 0.0  # the default LoRA config is fine
+
+    def test_with_vllm_rollouts_lora_dropout_is_trls_concern_and_allowed(self):
+        cfg = validate({"lora": {"enabled": True, "dropout": 0.05}, "trl": {"use_vllm": True}})
+        assert cfg.lora.dropout == 0.05
+
+    @pytest.mark.parametrize("data", [{"judge_ahead_steps": 0}, {"teacher_weight": 0.0, "verifier_answer_weight": 1.0}])
+    def test_without_judging_ahead_every_combination_is_allowed(self, data):
+        validate({**data, "trl": {"num_iterations": 2, "steps_per_generation": 2},
+                  "lora": {"enabled": True, "dropout": 0.1}})
+
+    def test_shipped_recipes_and_example_pass(self):
+        for path in [ROOT / "configs/example.yaml", *sorted((ROOT / "configs/recipes").glob("*.yaml"))]:
+            validate(yaml.safe_load(path.read_text()))
+
+
+class TestUnsloth:
+    def test_use_unsloth_true_is_a_config_error_naming_the_fix(self):
+        """Old code accepted use_unsloth: true and never used it (a silent no-op on a GPU with unsloth)."""
+        [p] = problems_of({"use_unsloth": True})
+        assert p.startswith("use_unsloth: true is not supported") and "use_unsloth: false" in p
+
+    def test_the_seed_key_still_loads_when_false(self):
+        assert validate({"use_unsloth": False}).use_unsloth is False
+        assert yaml.safe_load((ROOT / "configs/example.yaml").read_text())["use_unsloth"] is False
+
+
+class TestTrainerRefusesWhatConfigWouldHave:
+    """The same guarantees for library users who build the trainer's GRPOConfig themselves."""
+
+    @pytest.fixture(scope="class")
+    def lora_model(self, tiny_model):
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+        return get_peft_model(model, LoraConfig(r=2, lora_alpha=4, lora_dropout=0.1, target_modules="all-linear"))
+
+    def _args(self, tmp_path, **kw):
+        from trl import GRPOConfig
+
+        return GRPOConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, num_generations=4,
+                          report_to="none", **kw)
+
+    def test_several_iterations_a_long_generation_batch_and_dropout_are_each_named(self, tmp_path, lora_model):
+        from grpo_llm_eval import judge_ahead
+
+        with pytest.raises(ValueError) as info:
+            judge_ahead.check_exact(self._args(tmp_path, num_iterations=2, steps_per_generation=2), lora_model)
+        message = str(info.value)
+        assert "num_iterations is 2" in message and "steps_per_generation (2)" in message
+        assert "dropout (p = 0.1)" in message and "judge_ahead_steps: 0" in message
+
+    def test_plain_settings_pass(self, tmp_path, tiny_model):
+        from transformers import AutoModelForCausalLM
+
+        from grpo_llm_eval import judge_ahead
+
+        judge_ahead.check_exact(self._args(tmp_path), AutoModelForCausalLM.from_pretrained(tiny_model))
