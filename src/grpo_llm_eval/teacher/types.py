@@ -7,7 +7,8 @@ from typing import Protocol
 
 # Statuses a Judgement can carry. "ok" is the only one whose scores count.
 STATUS_OK = "ok"
-STATUSES = ("ok", "http_error", "timeout", "rate_limited", "connection_error", "unparseable", "incomplete", "empty", "error")
+STATUSES = ("ok", "http_error", "timeout", "rate_limited", "connection_error", "unparseable", "incomplete", "empty", "budget_spent",
+            "error")
 
 
 class TeacherUnavailable(RuntimeError):

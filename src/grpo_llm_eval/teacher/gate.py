@@ -1,0 +1,49 @@
+"""What every teacher request passes just before it is sent: the budget, then requests and tokens per minute.
+
+The concurrency slot is taken first (`limits.AdaptiveConcurrency`), so a request stamps the rate windows
+when it really leaves, not while it waits for a slot: stamps taken early and sent late would bunch up at
+the server and break its per-minute limit. Retries pass the gate again: they are requests too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from grpo_llm_eval.teacher.limits import MINUTE_S, SlidingWindow, estimate_tokens, per_process
+from grpo_llm_eval.teacher.usage import UsageMeter
+
+
+@dataclass
+class Ticket:
+    """One request let through: its token estimate and where it sits in the tokens-per-minute window."""
+
+    estimate: int
+    tpm_entry: list | None = None
+
+
+class CallGate:
+    """Budget check and per-minute limits of one process (shared by all its event loops)."""
+
+    def __init__(self, cfg, meter: UsageMeter, processes: int, window_s: float = MINUTE_S):
+        self.meter = meter
+        meter.share = 1.0 / max(1, processes)
+        self.rpm = SlidingWindow(per_process(cfg.teacher_rpm, processes), window_s, "requests") if cfg.teacher_rpm else None
+        self.tpm = SlidingWindow(per_process(cfg.teacher_tpm, processes), window_s, "tokens") if cfg.teacher_tpm else None
+
+    async def enter(self, messages: list[dict], max_tokens: int) -> Ticket:
+        """Wait for the rate limits, then check the budget (raises usage.BudgetSpent); the request may go."""
+        ticket = Ticket(estimate_tokens(messages, max_tokens))
+        if self.rpm is not None:
+            await self.rpm.acquire(1)
+        if self.tpm is not None:
+            ticket.tpm_entry = await self.tpm.acquire(ticket.estimate)
+        self.meter.check()  # after the wait: the budget may have been spent meanwhile
+        return ticket
+
+    def leave(self, ticket: Ticket, usage) -> None:
+        """Count the request (USAGE: the response's `usage`, or None when there was no answer)."""
+        prompt = getattr(usage, "prompt_tokens", 0) or 0
+        completion = getattr(usage, "completion_tokens", 0) or 0
+        self.meter.add(1, prompt, completion)
+        if ticket.tpm_entry is not None and usage is not None:
+            self.tpm.adjust(ticket.tpm_entry, prompt + completion)

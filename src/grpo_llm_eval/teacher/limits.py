@@ -1,0 +1,139 @@
+"""Limits on teacher calls besides the budget: requests and tokens per minute, and adaptive concurrency.
+
+- `SlidingWindow`: at most `limit` units (requests, or tokens) in any window of `window_s` seconds. A
+  sliding log rather than a token bucket, because a bucket lets through up to twice its rate in one window
+  (a full bucket plus its refill), which is exactly what a server's per-minute limit answers with 429s.
+  Thread-safe and loop-agnostic (callers sleep with asyncio), so one window serves every event loop of a
+  process.
+- `AdaptiveConcurrency`: the calls in flight of one event loop, at most the configured cap, cut when a
+  call times out and grown again by one per round of successes (AIMD, as TCP does). A server that grades
+  one request at a time (llama.cpp's) queues the rest; calls that time out in its queue are better not
+  sent again into the same queue at the same width. The cut is to half, or lower, to the number of calls
+  the server answered within the last timeout: that many it can answer in time, so a queueing server is
+  matched in one step rather than after several rounds of timeouts (each of them a wasted call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+
+logger = logging.getLogger(__name__)
+
+MINUTE_S = 60.0
+
+
+class SlidingWindow:
+    """At most LIMIT units in any WINDOW_S seconds; one request larger than LIMIT goes alone in an empty window."""
+
+    def __init__(self, limit: float, window_s: float = MINUTE_S, name: str = "requests"):
+        self.limit = float(limit)
+        self.window_s = float(window_s)
+        self.name = name
+        self._log: collections.deque[list] = collections.deque()  # [time, amount], oldest first
+        self._total = 0.0
+        self._lock = threading.Lock()
+
+    def _expire(self, now: float) -> None:
+        while self._log and self._log[0][0] <= now - self.window_s:
+            self._total -= self._log.popleft()[1]
+
+    def _try(self, amount: float) -> tuple[float, list | None]:
+        """Take AMOUNT now: (0, its entry); or (seconds to wait before trying again, None)."""
+        with self._lock:
+            now = time.monotonic()
+            self._expire(now)
+            if self._total + amount <= self.limit or not self._log:
+                entry = [now, float(amount)]
+                self._log.append(entry)
+                self._total += amount
+                return 0.0, entry
+            # Wait until enough of the oldest entries leave the window.
+            need, freed = self._total + amount - self.limit, 0.0
+            for t, a in self._log:
+                freed += a
+                if freed >= need:
+                    return max(1e-3, t + self.window_s - now), None
+            return max(1e-3, self._log[-1][0] + self.window_s - now), None
+
+    async def acquire(self, amount: float = 1.0) -> list:
+        """Wait until AMOUNT fits in the window and take it; returns its entry (for `adjust`)."""
+        while True:
+            wait, entry = self._try(amount)
+            if entry is not None:
+                return entry
+            await asyncio.sleep(wait)
+
+    def adjust(self, entry: list, amount: float) -> None:
+        """Set ENTRY's size to AMOUNT once a call's real size is known (tokens: the estimate vs the usage)."""
+        with self._lock:
+            if any(e is entry for e in self._log):  # one that left the window no longer counts either way
+                self._total += amount - entry[1]
+            entry[1] = float(amount)
+
+
+class AdaptiveConcurrency:
+    """Calls in flight on one event loop: at most `cap`; cut on a timeout (see the module doc), +1 per `limit` successes.
+
+    A timeout lowers the limit only for a call sent after the last decrease: the calls that were already
+    queued when the server fell behind time out together and say nothing new. TIMEOUT_S: the calls' timeout.
+    """
+
+    def __init__(self, cap: int, adaptive: bool = True, where: str = "the teacher", timeout_s: float | None = None):
+        self.cap = max(1, int(cap))
+        self.adaptive = adaptive
+        self.where = where
+        self.timeout_s = timeout_s
+        self._answered: collections.deque[float] = collections.deque(maxlen=self.cap * 4)  # times of ok calls
+        self.limit = float(self.cap)
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.decreases = 0
+        self._last_cut = float("-inf")
+        self._cond = asyncio.Condition()
+
+    async def acquire(self) -> float:
+        """Wait for a free slot; returns the monotonic time the call was admitted (pass it to `release`)."""
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.in_flight < int(self.limit))
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            return time.monotonic()
+
+    async def release(self, admitted: float, outcome: str) -> None:
+        """Free the slot of a call admitted at ADMITTED that ended with OUTCOME ("ok", "timeout" or other)."""
+        async with self._cond:
+            self.in_flight -= 1
+            now = time.monotonic()
+            if outcome == "ok":
+                self._answered.append(now)
+            if self.adaptive and outcome == "timeout" and admitted > self._last_cut:
+                in_time = (sum(1 for t in self._answered if t > now - self.timeout_s) if self.timeout_s
+                           else self.cap)
+                old, self.limit = self.limit, max(1.0, min(self.limit / 2, float(in_time)))
+                self._last_cut = now
+                self.decreases += 1
+                if int(old) != int(self.limit):
+                    logger.info("calls to %s time out: lowering the calls in flight from %d to %d", self.where,
+                                int(old), int(self.limit))
+            elif self.adaptive and outcome == "ok" and self.limit < self.cap:
+                self.limit = min(float(self.cap), self.limit + 1.0 / self.limit)
+            self._cond.notify_all()
+
+
+def per_process(limit: float, processes: int) -> float:
+    """This process's part of a run-wide per-minute limit: LIMIT / PROCESSES, at least 1 (so never stuck).
+
+    >>> per_process(100, 3)
+    33.333333333333336
+    """
+    return max(1.0, limit / max(1, processes))
+
+
+def estimate_tokens(messages: list[dict], max_tokens: int) -> int:
+    """Tokens a call may use before its usage is known: about 4 characters per prompt token, plus the reply's cap."""
+    chars = sum(len(str(m.get("content") or "")) for m in messages)
+    return chars // 4 + 8 * len(messages) + int(max_tokens)
