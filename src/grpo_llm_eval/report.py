@@ -38,6 +38,8 @@ PLOTS: list[tuple[str, list[tuple[str, str]] | str]] = [
     ("SFT loss on teacher feedback", [("sft_loss", "sft_loss")]),
     ("Judge failure rate", [("judge/failure_rate", "failure rate")]),
     ("Judge latency (s, uncached calls)", [("judge/latency_mean_s", "latency")]),
+    ("Teacher tokens per step", [("judge/prompt_tokens", "prompt"), ("judge/completion_tokens", "completion")]),
+    ("Teacher cost, run total (US$)", [("judge/total_cost_usd", "total"), ("judge/cost_usd", "per step")]),
     ("Share of groups with tied rewards", [("frac_reward_zero_std", "tied groups")]),
     ("Time per step (s)", [("step_time", "step"), ("time/generate_s", "generate"), ("time/judge_s", "judge")]),
     ("Evaluation during training", [("eval/answer_accuracy", "answer accuracy"), ("eval/teacher_reward", "teacher reward"),

@@ -7,6 +7,7 @@ the server and break its per-minute limit. Retries pass the gate again: they are
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from grpo_llm_eval.teacher.limits import MINUTE_S, SlidingWindow, estimate_tokens, per_process
@@ -15,9 +16,9 @@ from grpo_llm_eval.teacher.usage import UsageMeter
 
 @dataclass
 class Ticket:
-    """One request let through: its token estimate and where it sits in the tokens-per-minute window."""
+    """One request let through: its (prompt, completion) token estimate and its place in the tokens-per-minute window."""
 
-    estimate: int
+    estimate: tuple[int, int]
     tpm_entry: list | None = None
 
 
@@ -31,13 +32,14 @@ class CallGate:
         self.tpm = SlidingWindow(per_process(cfg.teacher_tpm, processes), window_s, "tokens") if cfg.teacher_tpm else None
 
     async def enter(self, messages: list[dict], max_tokens: int) -> Ticket:
-        """Wait for the rate limits, then check the budget (raises usage.BudgetSpent); the request may go."""
+        """Wait for the rate limits, then for room in the budget (raises usage.BudgetSpent); the request may go."""
         ticket = Ticket(estimate_tokens(messages, max_tokens))
         if self.rpm is not None:
             await self.rpm.acquire(1)
         if self.tpm is not None:
-            ticket.tpm_entry = await self.tpm.acquire(ticket.estimate)
-        self.meter.check()  # after the wait: the budget may have been spent meanwhile
+            ticket.tpm_entry = await self.tpm.acquire(sum(ticket.estimate))
+        while not self.meter.admit(*ticket.estimate):  # after the waits: the budget may be spent meanwhile
+            await asyncio.sleep(0.02)
         return ticket
 
     def leave(self, ticket: Ticket, usage) -> None:
@@ -45,5 +47,6 @@ class CallGate:
         prompt = getattr(usage, "prompt_tokens", 0) or 0
         completion = getattr(usage, "completion_tokens", 0) or 0
         self.meter.add(1, prompt, completion)
+        self.meter.release(*ticket.estimate)
         if ticket.tpm_entry is not None and usage is not None:
             self.tpm.adjust(ticket.tpm_entry, prompt + completion)

@@ -133,7 +133,12 @@ def per_process(limit: float, processes: int) -> float:
     return max(1.0, limit / max(1, processes))
 
 
-def estimate_tokens(messages: list[dict], max_tokens: int) -> int:
-    """Tokens a call may use before its usage is known: about 4 characters per prompt token, plus the reply's cap."""
+def estimate_tokens(messages: list[dict], max_tokens: int) -> tuple[int, int]:
+    """(prompt, completion) tokens a call may use, before its usage is known: about 4 characters per prompt
+    token (and a few per message), and the reply's cap.
+
+    >>> estimate_tokens([{"role": "user", "content": "x" * 400}], 64)
+    (108, 64)
+    """
     chars = sum(len(str(m.get("content") or "")) for m in messages)
-    return chars // 4 + 8 * len(messages) + int(max_tokens)
+    return chars // 4 + 8 * len(messages), int(max_tokens)

@@ -19,6 +19,7 @@ from pathlib import Path
 from grpo_llm_eval.teacher.grading import judgement_from_completion
 from grpo_llm_eval.teacher.local_scores import ForcedScorer
 from grpo_llm_eval.teacher.types import Judgement, JudgeRequest, TeacherUnavailable
+from grpo_llm_eval.teacher.usage import BudgetSpent, UsageMeter
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class LocalTeacher:
         self._scorer: ForcedScorer | None = None
         self._lock = threading.Lock()
         self._closing = threading.Event()  # set by aclose: a batch in progress stops after its current grade
+        self.usage = UsageMeter.from_config(cfg)  # tokens counted with the model's own tokenizer (usage.py)
 
     def _load(self, logits_all: bool):
         from llama_cpp import Llama
@@ -104,10 +106,20 @@ class LocalTeacher:
         return await asyncio.to_thread(self._judge_all, requests)
 
     def _judge_all(self, requests: list[JudgeRequest]) -> list[Judgement]:
+        from grpo_llm_eval.teacher.openai_backend import process_count
+
+        self.usage.share = 1.0 / process_count()
         with self._lock:
-            return [self._judge_one(r) if not self._closing.is_set()
+            return [self._judge_gated(r) if not self._closing.is_set()
                     else Judgement.failed("error", self.rubric.names, error="the teacher was closed")
                     for r in requests]
+
+    def _judge_gated(self, req: JudgeRequest) -> Judgement:
+        try:
+            self.usage.check()
+        except BudgetSpent as exc:
+            return Judgement.failed("budget_spent", self.rubric.names, error=str(exc), attempts=0)
+        return self._judge_one(req)
 
     def _judge_one(self, req: JudgeRequest) -> Judgement:
         self._model()
@@ -130,8 +142,11 @@ class LocalTeacher:
         try:
             out = self._model().create_chat_completion(**kwargs)
         except Exception as exc:  # e.g. a prompt longer than the context: this grade fails, the run goes on
+            self.usage.add(1)
             return Judgement.failed("error", self.rubric.names, error=str(exc)[:300],
                                     latency_s=time.perf_counter() - start)
+        used = out.get("usage") or {}
+        self.usage.add(1, used.get("prompt_tokens", 0), used.get("completion_tokens", 0))
         choice = out["choices"][0]
         logprobs = (choice.get("logprobs") or {}).get("content") if cfg.teacher_logprob_scores else None
         return judgement_from_completion(
@@ -145,8 +160,10 @@ class LocalTeacher:
         try:
             text, scores = self._scorer.grade(messages)
         except Exception as exc:  # e.g. a prompt longer than the context: this grade fails, the run goes on
+            self.usage.add(1)
             return Judgement.failed("error", self.rubric.names, error=str(exc)[:300],
                                     latency_s=time.perf_counter() - start)
+        self.usage.add(1, *self._scorer.token_counts(messages, text))
         judgement = judgement_from_completion(self.rubric, text, None, None, False, self.cfg.think_open_string,
                                               self.cfg.think_close_string, latency_s=time.perf_counter() - start,
                                               attempts=1)

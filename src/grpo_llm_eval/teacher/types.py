@@ -57,7 +57,10 @@ class Judgement:
 
 
 class Teacher(Protocol):
-    """What the reward function needs: grade a batch concurrently, in order."""
+    """What the reward function needs: grade a batch concurrently, in order. `usage` (a usage.UsageMeter)
+    counts every call made and refuses new ones once a budget is spent."""
+
+    usage: object
 
     async def judge(self, requests: list[JudgeRequest]) -> list[Judgement]: ...
 

@@ -106,6 +106,15 @@ def describe(usage: Usage, prices: Prices) -> str:
     return text + (f", ${prices.cost_usd(usage):.4f}" if prices.priced else "")
 
 
+def usage_summary(meter: UsageMeter) -> dict:
+    """A meter's totals as plain data (for eval_summary.json and the `judge` summary), with `text` for people."""
+    usage = meter.usage
+    out = {**usage.to_dict(), "text": describe(usage, meter.prices)}
+    if meter.prices.priced:
+        out["cost_usd"] = meter.prices.cost_usd(usage)
+    return out
+
+
 class BudgetSpent(Exception):
     """Raised by `UsageMeter.check` when this process's share of a budget is spent; the call is not sent."""
 
@@ -123,6 +132,7 @@ class UsageMeter:
         self.before = Usage()
         self.share = 1.0
         self._usage = Usage()
+        self._reserved = Usage()  # estimates of the calls in flight (see admit)
         self._lock = threading.Lock()
 
     @classmethod
@@ -141,10 +151,35 @@ class UsageMeter:
         with self._lock:
             return self._usage
 
+    def _mine(self) -> Usage:
+        """This process's part of the run's spend: its share of `before` plus its own calls."""
+        return Usage(*(round(v * self.share) for v in self.before.as_tuple())) + self._usage
+
     def check(self) -> None:
         """Raise BudgetSpent when this process's share of a budget is spent (counting its share of `before`)."""
-        before = self.before
-        mine = Usage(*(round(v * self.share) for v in before.as_tuple())) + self.usage
-        reason = self.budgets.spent(mine, self.prices, self.share)
+        with self._lock:
+            reason = self.budgets.spent(self._mine(), self.prices, self.share)
         if reason is not None:
             raise BudgetSpent(reason)
+
+    def admit(self, prompt_tokens: int, completion_tokens: int) -> bool:
+        """Reserve the estimate of a call about to be sent: True. False: the calls in flight may already fill
+        the budget, so wait for them and ask again. Raises BudgetSpent once the budget is spent.
+
+        Without the reservation every call of a batch would pass the check at once, and a run would end a
+        whole batch past its budget; with it, it ends at most about one call past.
+        """
+        with self._lock:
+            mine = self._mine()
+            reason = self.budgets.spent(mine, self.prices, self.share)
+            if reason is not None:
+                raise BudgetSpent(reason)
+            if self._reserved.calls and self.budgets.spent(mine + self._reserved, self.prices, self.share):
+                return False
+            self._reserved = self._reserved + Usage(1, prompt_tokens, completion_tokens)
+            return True
+
+    def release(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """Drop the reservation `admit` made for a call that has ended."""
+        with self._lock:
+            self._reserved = self._reserved - Usage(1, prompt_tokens, completion_tokens)
