@@ -13,7 +13,7 @@ flight at once (concurrency = batch size) and structured output on, in two arms 
 The timeout is set to a fraction of the time the server needs for the whole batch (`--timeout-share`), as
 the issue's run had it (120 s of timeout for 32 grades of 256 tokens at about 9 s each: 0.42).
 
-    python bench/teacher_queue.py                       # 16 grades of 64 tokens, timeout 0.4 x the batch
+    python bench/teacher_queue.py                       # 12 grades of up to 192 tokens, timeout 0.4 x the batch
     python bench/teacher_queue.py --batch 32 --feedback-tokens 256 --timeout-share 0.42
 """
 
@@ -103,8 +103,9 @@ def run_arm(t, batch, health_check: bool) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=16, help="completions graded in the step (all in flight at once)")
-    p.add_argument("--feedback-tokens", type=int, default=64)
+    p.add_argument("--batch", type=int, default=12, help="completions graded in the step (all in flight at once)")
+    p.add_argument("--feedback-tokens", type=int, default=192, help="the grade's cap (the 135M model's JSON "
+                   "grades need about 100 to 150)")
     p.add_argument("--timeout-share", type=float, default=0.4, help="timeout as a share of the serial batch time")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()

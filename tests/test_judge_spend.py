@@ -79,6 +79,16 @@ class TestTokenBudget:
         assert last["judge/total_cost_usd"] == pytest.approx(
             (2.0 * last["judge/total_prompt_tokens"] + 8.0 * last["judge/total_completion_tokens"]) / 1e6)
 
+    def test_each_rollout_records_the_tokens_of_the_call_that_graded_it(self, budget_run):
+        run = budget_run[0]
+        rows = read_jsonl(run / "rollouts.jsonl")
+        for r in rows:
+            if r["cached"]:
+                assert r["judge_usage"] is None  # a cached grade cost nothing
+            elif r["judge_status"] == "ok":
+                assert r["judge_usage"]["calls"] == r["judge_attempts"] and r["judge_usage"]["prompt_tokens"] > 0
+        assert any(not r["cached"] and r["judge_status"] == "ok" for r in rows)
+
     def test_a_resumed_run_counts_what_was_already_spent(self, budget_run):
         run, _, metrics_first, _, resumed = budget_run
         assert resumed.returncode == 0, resumed.stderr[-3000:]

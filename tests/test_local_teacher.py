@@ -97,3 +97,29 @@ def test_closing_stops_a_batch_in_progress_after_its_current_grade():
     assert judgements[: len(done)] == done  # graded in order until the close, failed (never made up) after
     assert all(j.status == "error" and all(v is None for v in j.scores.values()) for j in stopped)
     assert teacher._llm is None
+
+
+class TestTokenCounts:
+    """The local teacher counts its calls and tokens with the model's own tokenizer, as a server's usage would."""
+
+    def test_forced_key_grades_count_the_prompt_and_the_grade_in_model_tokens(self):
+        cfg = load_config(None, ["teacher_max_total_tokens=100000"])
+        rubric = Rubric.from_config(cfg)
+        teacher = LocalTeacher(cfg, rubric, n_threads=1)
+        [j] = judge(teacher, [RIGHT])
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=str(teacher.path), n_ctx=256, vocab_only=True, verbose=False)
+        grade = len(llm.tokenize(j.raw.encode(), add_bos=False, special=False))
+        used = teacher.usage.usage
+        assert used.calls == 1 and used.completion_tokens == grade
+        assert j.extra["usage"] == {"calls": 1, "prompt_tokens": used.prompt_tokens, "completion_tokens": grade}
+        # the rendered prompt holds the question and the response: more tokens than they alone
+        assert used.prompt_tokens > len(llm.tokenize((RIGHT.question + RIGHT.response).encode(), add_bos=False))
+
+    def test_grades_past_the_token_budget_are_refused_not_graded(self):
+        cfg = load_config(None, ["teacher_max_total_tokens=10"])
+        teacher = LocalTeacher(cfg, Rubric.from_config(cfg), n_threads=1)
+        first, second = judge(teacher, [RIGHT, WRONG])
+        assert first.ok and second.status == "budget_spent" and "teacher_max_total_tokens" in second.error
+        assert teacher.usage.usage.calls == 1

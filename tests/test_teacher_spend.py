@@ -46,6 +46,9 @@ class TestUsageAccounting:
         assert all(j.ok for j in judgements)
         assert teacher.usage.usage == served
         assert served.calls == 8 and served.prompt_tokens > 0 and served.completion_tokens > 0  # 6 + 2 retries
+        # each grade carries its call's usage, so spend can be attributed to completions
+        attributed = [j.extra["usage"] for j in judgements]
+        assert Usage(*(sum(u[k] for u in attributed) for k in ("calls", "prompt_tokens", "completion_tokens"))) == served
 
     def test_cost_is_tokens_times_price(self):
         usage = Usage(3, 2_000_000, 500_000)
@@ -79,6 +82,15 @@ class TestRequestsPerMinute:
         # a little slack for the loopback trip: stamps are taken at the client, times read at the server
         assert busiest_window(times, WINDOW_S * 0.95) == 4
         assert max(times) - min(times) >= 2 * WINDOW_S * 0.95  # 10 requests at 4 a window need 3 windows
+
+    def test_each_of_several_processes_takes_its_share_of_the_limit(self):
+        with TeacherServer(mode="scripted") as srv:
+            cfg = Config(teacher_backend="openai", teacher_model_name="teacher", openai_base_url=srv.base_url,
+                         teacher_rpm=4, teacher_timeout_s=5.0)
+            one_of_two = OpenAITeacher(cfg, Rubric.from_config(cfg), num_processes=2, rate_window_s=WINDOW_S)
+            judge_once(one_of_two, arithmetic(6))
+            times = [e["t"] for e in srv.stats()["log"]]
+        assert busiest_window(times, WINDOW_S * 0.95) == 2  # 4 a window for the run: 2 for each of 2 processes
 
     def test_429s_are_still_honoured_and_retries_count_against_the_limit(self):
         with TeacherServer(mode="scripted", fault_script=("429", "429"), retry_after_s=1.5) as srv:

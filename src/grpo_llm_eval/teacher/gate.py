@@ -19,6 +19,7 @@ class Ticket:
     """One request let through: its (prompt, completion) token estimate and its place in the tokens-per-minute window."""
 
     estimate: tuple[int, int]
+    rpm_entry: list | None = None
     tpm_entry: list | None = None
 
 
@@ -34,13 +35,24 @@ class CallGate:
     async def enter(self, messages: list[dict], max_tokens: int) -> Ticket:
         """Wait for the rate limits, then for room in the budget (raises usage.BudgetSpent); the request may go."""
         ticket = Ticket(estimate_tokens(messages, max_tokens))
-        if self.rpm is not None:
-            await self.rpm.acquire(1)
-        if self.tpm is not None:
-            ticket.tpm_entry = await self.tpm.acquire(sum(ticket.estimate))
-        while not self.meter.admit(*ticket.estimate):  # after the waits: the budget may be spent meanwhile
-            await asyncio.sleep(0.02)
+        try:
+            if self.rpm is not None:
+                ticket.rpm_entry = await self.rpm.acquire(1)
+            if self.tpm is not None:
+                ticket.tpm_entry = await self.tpm.acquire(sum(ticket.estimate))
+            while not self.meter.admit(*ticket.estimate):  # after the waits: the budget may be spent meanwhile
+                await asyncio.sleep(0.02)
+        except BaseException:  # refused by the budget, or cancelled: not sent, but it took its place
+            self._end_windows(ticket, None)
+            raise
         return ticket
+
+    def _end_windows(self, ticket: Ticket, usage) -> None:
+        if ticket.rpm_entry is not None:
+            self.rpm.finish(ticket.rpm_entry)
+        if ticket.tpm_entry is not None:
+            used = None if usage is None else (usage.prompt_tokens or 0) + (usage.completion_tokens or 0)
+            self.tpm.finish(ticket.tpm_entry, used)
 
     def leave(self, ticket: Ticket, usage) -> None:
         """Count the request (USAGE: the response's `usage`, or None when there was no answer)."""
@@ -48,5 +60,4 @@ class CallGate:
         completion = getattr(usage, "completion_tokens", 0) or 0
         self.meter.add(1, prompt, completion)
         self.meter.release(*ticket.estimate)
-        if ticket.tpm_entry is not None and usage is not None:
-            self.tpm.adjust(ticket.tpm_entry, prompt + completion)
+        self._end_windows(ticket, usage)

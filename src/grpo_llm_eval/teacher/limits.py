@@ -18,61 +18,64 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import threading
 import time
 
 logger = logging.getLogger(__name__)
 
 MINUTE_S = 60.0
+_POLL_S = 0.05  # how often a request waiting only for calls in flight looks again
 
 
 class SlidingWindow:
-    """At most LIMIT units in any WINDOW_S seconds; one request larger than LIMIT goes alone in an empty window."""
+    """At most LIMIT units in any WINDOW_S seconds; one request larger than LIMIT goes alone in an empty window.
+
+    A request counts from the moment it is let through until WINDOW_S after it *ends* (`finish`): the server
+    sees it arrive somewhere in between, later than it left when a connection is being set up, so counting
+    from the send alone would let two windows' worth arrive within one window at the server. Counted this
+    way, any WINDOW_S of arrivals at the server holds at most LIMIT, whatever the network delays.
+    """
 
     def __init__(self, limit: float, window_s: float = MINUTE_S, name: str = "requests"):
         self.limit = float(limit)
         self.window_s = float(window_s)
         self.name = name
-        self._log: collections.deque[list] = collections.deque()  # [time, amount], oldest first
-        self._total = 0.0
+        self._entries: list[list] = []  # [end time, or inf while in flight; amount]
         self._lock = threading.Lock()
-
-    def _expire(self, now: float) -> None:
-        while self._log and self._log[0][0] <= now - self.window_s:
-            self._total -= self._log.popleft()[1]
 
     def _try(self, amount: float) -> tuple[float, list | None]:
         """Take AMOUNT now: (0, its entry); or (seconds to wait before trying again, None)."""
         with self._lock:
             now = time.monotonic()
-            self._expire(now)
-            if self._total + amount <= self.limit or not self._log:
-                entry = [now, float(amount)]
-                self._log.append(entry)
-                self._total += amount
+            self._entries = [e for e in self._entries if e[0] > now - self.window_s]
+            used = sum(e[1] for e in self._entries)
+            if used + amount <= self.limit or not self._entries:
+                entry = [math.inf, float(amount)]
+                self._entries.append(entry)
                 return 0.0, entry
-            # Wait until enough of the oldest entries leave the window.
-            need, freed = self._total + amount - self.limit, 0.0
-            for t, a in self._log:
-                freed += a
+            # Wait until enough ended entries leave the window; entries in flight leave only after they end.
+            need, freed = used + amount - self.limit, 0.0
+            for end, size in sorted(e for e in self._entries if e[0] < math.inf):
+                freed += size
                 if freed >= need:
-                    return max(1e-3, t + self.window_s - now), None
-            return max(1e-3, self._log[-1][0] + self.window_s - now), None
+                    return max(1e-3, end + self.window_s - now), None
+            return _POLL_S, None
 
     async def acquire(self, amount: float = 1.0) -> list:
-        """Wait until AMOUNT fits in the window and take it; returns its entry (for `adjust`)."""
+        """Wait until AMOUNT fits in the window and take it; returns its entry (for `finish`)."""
         while True:
             wait, entry = self._try(amount)
             if entry is not None:
                 return entry
             await asyncio.sleep(wait)
 
-    def adjust(self, entry: list, amount: float) -> None:
-        """Set ENTRY's size to AMOUNT once a call's real size is known (tokens: the estimate vs the usage)."""
+    def finish(self, entry: list, amount: float | None = None) -> None:
+        """The request of ENTRY has ended; AMOUNT: its real size, when known (tokens: the usage, not the estimate)."""
         with self._lock:
-            if any(e is entry for e in self._log):  # one that left the window no longer counts either way
-                self._total += amount - entry[1]
-            entry[1] = float(amount)
+            entry[0] = time.monotonic()
+            if amount is not None:
+                entry[1] = float(amount)
 
 
 class AdaptiveConcurrency:

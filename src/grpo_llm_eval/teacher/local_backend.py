@@ -147,11 +147,15 @@ class LocalTeacher:
                                     latency_s=time.perf_counter() - start)
         used = out.get("usage") or {}
         self.usage.add(1, used.get("prompt_tokens", 0), used.get("completion_tokens", 0))
+        attributed = {"calls": 1, "prompt_tokens": used.get("prompt_tokens", 0),
+                      "completion_tokens": used.get("completion_tokens", 0)}
         choice = out["choices"][0]
         logprobs = (choice.get("logprobs") or {}).get("content") if cfg.teacher_logprob_scores else None
-        return judgement_from_completion(
+        judgement = judgement_from_completion(
             self.rubric, choice["message"].get("content"), None, logprobs, bool(cfg.teacher_logprob_scores),
             cfg.think_open_string, cfg.think_close_string, latency_s=time.perf_counter() - start, attempts=1)
+        judgement.extra["usage"] = attributed
+        return judgement
 
     def _judge_forced(self, req: JudgeRequest) -> Judgement:
         """Scores read from digit probabilities after forced JSON keys (teacher/local_scores.py)."""
@@ -163,10 +167,12 @@ class LocalTeacher:
             self.usage.add(1)
             return Judgement.failed("error", self.rubric.names, error=str(exc)[:300],
                                     latency_s=time.perf_counter() - start)
-        self.usage.add(1, *self._scorer.token_counts(messages, text))
+        prompt_tokens, completion_tokens = self._scorer.token_counts(messages, text)
+        self.usage.add(1, prompt_tokens, completion_tokens)
         judgement = judgement_from_completion(self.rubric, text, None, None, False, self.cfg.think_open_string,
                                               self.cfg.think_close_string, latency_s=time.perf_counter() - start,
                                               attempts=1)
+        judgement.extra["usage"] = {"calls": 1, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
         missing = [name for name in self.rubric.names if scores.get(name) is None]
         if judgement.ok and missing:
             return Judgement.failed("incomplete", self.rubric.names, raw=text, latency_s=judgement.latency_s,

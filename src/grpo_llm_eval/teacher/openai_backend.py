@@ -297,6 +297,8 @@ class OpenAITeacher:
             self.rubric, message.content, reasoning if isinstance(reasoning, str) else None, tokens, logprobs,
             self.cfg.think_open_string, self.cfg.think_close_string, latency, attempts)
         judgement.extra["finish_reason"] = choice.finish_reason
+        judgement.extra["usage"] = {"calls": attempts, "prompt_tokens": getattr(usage, "prompt_tokens", 0) or 0,
+                                    "completion_tokens": getattr(usage, "completion_tokens", 0) or 0}
         return self._record(judgement)
 
     def _failed(self, status: str, exc: Exception, start: float, attempts: int) -> Judgement:
