@@ -108,6 +108,7 @@ def main() -> None:
                    "grades need about 100 to 150)")
     p.add_argument("--timeout-share", type=float, default=0.4, help="timeout as a share of the serial batch time")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--order", default="before,after", help="the arms' order (after,before checks order effects)")
     a = p.parse_args()
     log = Path(tempfile.mkdtemp()) / "llama-server.log"
     proc, url = start_server(log, a.threads)
@@ -119,8 +120,10 @@ def main() -> None:
         timeout = round(max(2.0, a.timeout_share * pace * a.batch), 1)
         print(f"server pace {pace:.2f} s per grade; timeout {timeout} s for {a.batch} grades in flight", flush=True)
         rows = {}
-        for arm, adaptive, probe in (("before", False, False), ("after", True, True)):
-            rows[arm] = run_arm(teacher(url, a.batch, a.feedback_tokens, timeout, adaptive), requests(a.batch), probe)
+        for arm in a.order.split(","):
+            after = arm == "after"
+            rows[arm] = run_arm(teacher(url, a.batch, a.feedback_tokens, timeout, adaptive=after), requests(a.batch),
+                                health_check=after)
             print(arm, json.dumps(rows[arm]), flush=True)
         b, f = rows["before"], rows["after"]
         print(json.dumps({"pace_s": round(pace, 2), "timeout_s": timeout, **{k: v for k, v in rows.items()},
