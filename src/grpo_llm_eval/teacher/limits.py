@@ -10,7 +10,8 @@
   one request at a time (llama.cpp's) queues the rest; calls that time out in its queue are better not
   sent again into the same queue at the same width. The cut is to half, or lower, to the number of calls
   the server answered within the last timeout: that many it can answer in time, so a queueing server is
-  matched in one step rather than after several rounds of timeouts (each of them a wasted call).
+  matched in one step rather than after several rounds of timeouts (each of them a wasted call). It grows
+  again only on calls answered within half the timeout, so it does not probe its way back into the queue.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class SlidingWindow:
 
 
 class AdaptiveConcurrency:
-    """Calls in flight on one event loop: at most `cap`; cut on a timeout (see the module doc), +1 per `limit` successes.
+    """Calls in flight on one event loop: at most `cap`; cut on a timeout, +1 per `limit` quick successes (module doc).
 
     A timeout lowers the limit only for a call sent after the last decrease: the calls that were already
     queued when the server fell behind time out together and say nothing new. TIMEOUT_S: the calls' timeout.
@@ -106,6 +107,11 @@ class AdaptiveConcurrency:
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             return time.monotonic()
 
+    def _roomy(self, latency_s: float) -> bool:
+        """Whether a call came back well within the timeout (half of it): only then is there room to grow. A call
+        that waited most of the timeout in a queue says one more in flight would time out."""
+        return self.timeout_s is None or latency_s < self.timeout_s / 2
+
     async def release(self, admitted: float, outcome: str) -> None:
         """Free the slot of a call admitted at ADMITTED that ended with OUTCOME ("ok", "timeout" or other)."""
         async with self._cond:
@@ -122,7 +128,7 @@ class AdaptiveConcurrency:
                 if int(old) != int(self.limit):
                     logger.info("calls to %s time out: lowering the calls in flight from %d to %d", self.where,
                                 int(old), int(self.limit))
-            elif self.adaptive and outcome == "ok" and self.limit < self.cap:
+            elif self.adaptive and outcome == "ok" and self.limit < self.cap and self._roomy(now - admitted):
                 self.limit = min(float(self.cap), self.limit + 1.0 / self.limit)
             self._cond.notify_all()
 
