@@ -120,6 +120,10 @@ class TestShown:
         for title in ("Teacher tokens per step", "Teacher cost, run total (US$)"):
             block = html.split(f"<h3>{title}</h3>", 1)[1][:200]
             assert block.lstrip().startswith("<svg"), title
+        last = [m for m in read_jsonl(run / "metrics.jsonl") if "judge/total_calls" in m][-1]
+        card = html.split("teacher tokens</span><b>", 1)[1].split("<", 1)[0]
+        assert card.replace(",", "") == str(totals(last))
+        assert "teacher cost (US$)" in html
 
     def test_judge_prints_the_teachers_calls_and_tokens(self, tmp_path, caplog):
         with TeacherServer(mode="scripted") as srv, caplog.at_level(logging.INFO):

@@ -114,22 +114,22 @@ class AdaptiveConcurrency:
 
     async def release(self, admitted: float, outcome: str) -> None:
         """Free the slot of a call admitted at ADMITTED that ended with OUTCOME ("ok", "timeout" or other)."""
+        # Bookkeeping before any await (one loop: nothing interleaves), so a cancellation cannot leak the slot.
+        self.in_flight -= 1
+        now = time.monotonic()
+        if outcome == "ok":
+            self._answered.append(now)
+        if self.adaptive and outcome == "timeout" and admitted > self._last_cut:
+            in_time = sum(1 for t in self._answered if t > now - self.timeout_s) if self.timeout_s else self.cap
+            old, self.limit = self.limit, max(1.0, min(self.limit / 2, float(in_time)))
+            self._last_cut = now
+            self.decreases += 1
+            if int(old) != int(self.limit):
+                logger.info("calls to %s time out: lowering the calls in flight from %d to %d", self.where,
+                            int(old), int(self.limit))
+        elif self.adaptive and outcome == "ok" and self.limit < self.cap and self._roomy(now - admitted):
+            self.limit = min(float(self.cap), self.limit + 1.0 / self.limit)
         async with self._cond:
-            self.in_flight -= 1
-            now = time.monotonic()
-            if outcome == "ok":
-                self._answered.append(now)
-            if self.adaptive and outcome == "timeout" and admitted > self._last_cut:
-                in_time = (sum(1 for t in self._answered if t > now - self.timeout_s) if self.timeout_s
-                           else self.cap)
-                old, self.limit = self.limit, max(1.0, min(self.limit / 2, float(in_time)))
-                self._last_cut = now
-                self.decreases += 1
-                if int(old) != int(self.limit):
-                    logger.info("calls to %s time out: lowering the calls in flight from %d to %d", self.where,
-                                int(old), int(self.limit))
-            elif self.adaptive and outcome == "ok" and self.limit < self.cap and self._roomy(now - admitted):
-                self.limit = min(float(self.cap), self.limit + 1.0 / self.limit)
             self._cond.notify_all()
 
 
