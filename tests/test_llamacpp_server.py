@@ -135,6 +135,23 @@ class TestGradingThroughLlamaCppServer:
         bound = teacher.rubric.explanation_chars_within(192)
         assert all(len(g[name]["explanation"]) <= bound for g in grades for name in teacher.rubric.names)
 
+    def test_the_health_check_learns_what_the_server_takes_so_no_call_of_the_batch_is_refused(self, llama_server):
+        teacher = teacher_for(llama_server)
+
+        async def go():
+            try:
+                await teacher.health_check()
+                probes = teacher.usage.usage.calls
+                return probes, await teacher.judge(RESPONSES[:2])
+            finally:
+                await teacher.aclose()
+
+        probes, judgements = asyncio.run(go())
+        assert probes == 2  # json_schema refused, then json_object with the schema taken
+        assert teacher.structured_format == "json_object"
+        assert teacher.usage.usage.calls == probes + 2  # one call per grade: none refused and sent again
+        assert all(j.extra["usage"]["calls"] == 1 for j in judgements)
+
     def test_logprob_scores_are_used_where_the_server_returns_top_logprobs(self, llama_server_with_logprobs):
         teacher = teacher_for(llama_server_with_logprobs, teacher_logprob_scores=True)
         judgements = grade(teacher, RESPONSES[:2])

@@ -137,3 +137,29 @@ class TestChatControlTokens:
             assert control_tokens(hostile) == control_tokens("44")
         finally:
             asyncio.run(teacher.aclose())
+
+
+class TestTokenCounts:
+    """The local teacher counts its calls and tokens with the model's own tokenizer, as a server's usage would."""
+
+    def test_forced_key_grades_count_the_prompt_and_the_grade_in_model_tokens(self):
+        cfg = load_config(None, ["teacher_max_total_tokens=100000"])
+        rubric = Rubric.from_config(cfg)
+        teacher = LocalTeacher(cfg, rubric, n_threads=1)
+        [j] = judge(teacher, [RIGHT])
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=str(teacher.path), n_ctx=256, vocab_only=True, verbose=False)
+        grade = len(llm.tokenize(j.raw.encode(), add_bos=False, special=False))
+        used = teacher.usage.usage
+        assert used.calls == 1 and used.completion_tokens == grade
+        assert j.extra["usage"] == {"calls": 1, "prompt_tokens": used.prompt_tokens, "completion_tokens": grade}
+        # the rendered prompt holds the question and the response: more tokens than they alone
+        assert used.prompt_tokens > len(llm.tokenize((RIGHT.question + RIGHT.response).encode(), add_bos=False))
+
+    def test_grades_past_the_token_budget_are_refused_not_graded(self):
+        cfg = load_config(None, ["teacher_max_total_tokens=10"])
+        teacher = LocalTeacher(cfg, Rubric.from_config(cfg), n_threads=1)
+        first, second = judge(teacher, [RIGHT, WRONG])
+        assert first.ok and second.status == "budget_spent" and "teacher_max_total_tokens" in second.error
+        assert teacher.usage.usage.calls == 1

@@ -246,6 +246,12 @@ class TestTwoProcesses:
         assert stats["chat_requests"] >= PROCESSES * STEPS  # every process graded
         assert 1 <= stats["max_in_flight"] <= CAP
 
+    def test_the_teacher_totals_sum_every_processes_calls(self, launched):
+        run = _ok(launched)
+        rows = [m for m in read_jsonl(run / "metrics.jsonl") if "judge/total_calls" in m]
+        assert [m["step"] for m in rows] == list(range(1, STEPS + 1))
+        assert rows[-1]["judge/total_calls"] == sum(m["judge/calls"] for m in rows) == launched["stats"]["chat_requests"]
+
     def test_every_process_ends_with_the_same_updated_weights(self, launched, tiny_model):
         from transformers import AutoModelForCausalLM
 

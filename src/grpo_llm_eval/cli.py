@@ -126,6 +126,7 @@ def run_judge(args) -> int:
     cfg = load_config(args.config, args.overrides)
     summary = judge_file(cfg, args.input, args.output)
     logger.info("Graded %d rows (%d ok) into %s", summary["rows"], summary["ok"], args.output)
+    logger.info("Teacher spend: %s", summary["teacher_usage"]["text"])
     return 0
 
 
@@ -136,6 +137,7 @@ def run_evaluate(args) -> int:
     summary = evaluate(cfg, args.models, args.output, split=args.split, limit=args.limit, samples=args.samples,
                        batch_size=args.batch_size)
     sys.stdout.write(format_table(summary) + "\n")
+    logger.info("Teacher spend: %s", summary["teacher_usage"]["text"])
     logger.info("Wrote %s/eval_rollouts.jsonl and %s/eval_summary.json", args.output, args.output)
     return 0
 

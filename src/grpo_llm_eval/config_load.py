@@ -250,6 +250,9 @@ def validate(data: dict) -> Config:
             "drop the key). For faster rollouts use trl: {use_vllm: true} (README, 'Several GPUs or machines')."
         )
     _check_judge_ahead(cfg, problems)
+    if cfg.teacher_max_cost_usd > 0 and not (cfg.teacher_price_input_per_mtok or cfg.teacher_price_output_per_mtok):
+        problems.append(f"teacher_max_cost_usd: {cfg.teacher_max_cost_usd!r} but no price is set, so no cost is ever "
+                        "counted; set teacher_price_input_per_mtok and teacher_price_output_per_mtok.")
     rewards = cfg.teacher_weight + cfg.verifier_answer_weight + cfg.verifier_format_weight
     if rewards <= 0:
         problems.append("teacher_weight, verifier_answer_weight, verifier_format_weight: all 0, so nothing is rewarded; set one > 0.")

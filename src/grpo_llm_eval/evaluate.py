@@ -30,6 +30,7 @@ from grpo_llm_eval.rewards import TeacherRubricReward
 from grpo_llm_eval.teacher import build_teacher
 from grpo_llm_eval.teacher.rubric import Rubric
 from grpo_llm_eval.teacher.types import JudgeRequest
+from grpo_llm_eval.teacher.usage import usage_summary
 
 logger = logging.getLogger(__name__)
 
@@ -342,7 +343,8 @@ def evaluate(cfg, models: list[str], output: str | Path, split: str | None = Non
     rows = read_jsonl(out / ROLLOUTS_FILE)
     summary = summarize(rows, models, rubric.names, samples, cfg.seed)
     summary.update(split=split, limit=limit, dataset=cfg.dataset_name,
-                   model_paths={r.spec: r.adapter or r.path for r in resolved})
+                   model_paths={r.spec: r.adapter or r.path for r in resolved},
+                   teacher_usage=usage_summary(teacher.usage))
     part = out / (SUMMARY_FILE + ".partial")
     part.write_text(json.dumps(json.loads(dumps(summary)), indent=2) + "\n", encoding="utf-8")
     os.replace(part, out / SUMMARY_FILE)

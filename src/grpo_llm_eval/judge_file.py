@@ -10,6 +10,7 @@ from grpo_llm_eval.records import JsonlWriter, read_jsonl
 from grpo_llm_eval.teacher import build_teacher
 from grpo_llm_eval.teacher.rubric import Rubric
 from grpo_llm_eval.teacher.types import JudgeRequest
+from grpo_llm_eval.teacher.usage import usage_summary
 from grpo_llm_eval.verifiers import answer_correct
 
 logger = logging.getLogger(__name__)
@@ -36,10 +37,10 @@ def judge_file(cfg, input_path: str, output_path: str, batch_size: int = 64) -> 
     tmp.unlink(missing_ok=True)
     writer = JsonlWriter(tmp)
     ok = written = 0
+    teacher = None
 
     async def run() -> None:
         nonlocal ok, written
-        teacher = build_teacher(cfg, rubric, cache_path=None)
         try:
             await teacher.health_check()
             for start in range(0, len(rows), batch_size):
@@ -71,6 +72,7 @@ def judge_file(cfg, input_path: str, output_path: str, batch_size: int = 64) -> 
             await teacher.aclose()
 
     try:
+        teacher = build_teacher(cfg, rubric, cache_path=None)
         asyncio.run(run())
     except BaseException:
         writer.close()
@@ -81,4 +83,4 @@ def judge_file(cfg, input_path: str, output_path: str, batch_size: int = 64) -> 
         raise
     writer.close()
     tmp.replace(out)
-    return {"rows": len(rows), "ok": ok}
+    return {"rows": len(rows), "ok": ok, "teacher_usage": usage_summary(teacher.usage)}

@@ -94,6 +94,8 @@ class RolloutRecorder:
                 "judge_status": None if j is None else j.status,
                 "judge_latency_s": None if j is None else j.latency_s,
                 "judge_attempts": None if j is None else j.attempts, "cached": None if j is None else j.cached,
+                # the teacher call's tokens attributed to this completion; a cached grade cost nothing
+                "judge_usage": None if j is None or j.cached else j.extra.get("usage"),
                 **row,
             })
 

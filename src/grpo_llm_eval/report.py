@@ -38,6 +38,8 @@ PLOTS: list[tuple[str, list[tuple[str, str]] | str]] = [
     ("SFT loss on teacher feedback", [("sft_loss", "sft_loss")]),
     ("Judge failure rate", [("judge/failure_rate", "failure rate")]),
     ("Judge latency (s, uncached calls)", [("judge/latency_mean_s", "latency")]),
+    ("Teacher tokens per step", [("judge/prompt_tokens", "prompt"), ("judge/completion_tokens", "completion")]),
+    ("Teacher cost, run total (US$)", [("judge/total_cost_usd", "total"), ("judge/cost_usd", "per step")]),
     ("Share of groups with tied rewards", [("frac_reward_zero_std", "tied groups")]),
     ("Time per step (s)", [("step_time", "step"), ("time/generate_s", "generate"), ("time/judge_s", "judge")]),
     ("Evaluation during training", [("eval/answer_accuracy", "answer accuracy"), ("eval/teacher_reward", "teacher reward"),
@@ -187,6 +189,13 @@ def overview(cfg: dict, metrics: list[dict], rollouts: list[dict]) -> str:
         ("mean reward", sum(rewards) / len(rewards) if rewards else None),
         ("judge failures", f"{failed} / {len(rollouts)}"),
     ]
+    spent = next((r for r in reversed(metrics) if isinstance(r.get("judge/total_calls"), (int, float))), None)
+    if spent is not None:  # the run's teacher totals as of its last step
+        cards += [("teacher calls", int(spent["judge/total_calls"])),
+                  ("teacher tokens", int(spent.get("judge/total_prompt_tokens", 0)
+                                         + spent.get("judge/total_completion_tokens", 0)))]
+        if isinstance(spent.get("judge/total_cost_usd"), (int, float)):
+            cards.append(("teacher cost (US$)", spent["judge/total_cost_usd"]))
     inner = "".join(f"<div class=\"card\"><span class=\"muted\">{escape(k)}</span><b>{escape(_fmt(v) or 'n/a')}</b></div>"
                     for k, v in cards)
     return f"<h2 id=\"overview\">Overview</h2><div class=\"cards\">{inner}</div>"

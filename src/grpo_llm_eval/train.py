@@ -209,6 +209,11 @@ def _attach_callbacks(trainer, cfg, rubric, teacher, recorder, out: Path, is_mai
 
     guard = FailedGradesGuard(trainer, cfg.max_consecutive_failed_steps)
     stopper = StopOnSignal()
+    if teacher is not None:  # calls, tokens and cost in metrics.jsonl; the teacher budgets
+        from grpo_llm_eval.judge_spend import JudgeSpend
+
+        trainer.judge_spend = JudgeSpend(trainer, teacher.usage)
+        trainer.add_callback(trainer.judge_spend)
     trainer.add_callback(RecordsCallback(recorder, out, is_main))
     trainer.add_callback(guard)
     if cfg.max_train_minutes > 0:

@@ -17,9 +17,10 @@ import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
-from grpo_llm_eval import checkpoints, judge_ahead, sft, sft_loss
+from grpo_llm_eval import checkpoints, judge_ahead, judge_spend, sft, sft_loss
 from grpo_llm_eval.callbacks import StepTimer
 from grpo_llm_eval.skip_update import SkipUngradedUpdates
+from grpo_llm_eval.teacher.usage import Usage
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class TeacherGRPOTrainer(GRPOTrainer):
         self.add_callback(StepTimer(self))
         self.skip_updates = SkipUngradedUpdates()
         self.add_callback(self.skip_updates)
+        self.judge_spend = None  # judge_spend.JudgeSpend, when a teacher grades (train.py attaches it)
         self._compiled_generation = False
         if run_cfg is not None and run_cfg.fast_generation:
             self._use_compiled_generation()
@@ -224,9 +226,11 @@ class TeacherGRPOTrainer(GRPOTrainer):
             self._staging = None
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            state = {"global_step": self.state.global_step, "consecutive_failed": self.consecutive_failed}
+            if self.judge_spend is not None:
+                state[judge_spend.STATE_KEY] = self.judge_spend.state()
             with checkpoints.saving(staging, f"checkpoint {name}", run):  # these write too (and fsync)
-                checkpoints.write_state(staging / name, {"global_step": self.state.global_step,
-                                                          "consecutive_failed": self.consecutive_failed})
+                checkpoints.write_state(staging / name, state)
                 checkpoints.publish(staging / name, run / name)
             checkpoints.rotate(run, self.args.save_total_limit or 0)
             shutil.rmtree(staging, ignore_errors=True)  # only leftovers (a model card) remain there
@@ -234,7 +238,10 @@ class TeacherGRPOTrainer(GRPOTrainer):
 
     def restore_state(self, checkpoint: str | Path) -> None:
         """Our counters from a checkpoint (the Trainer restores weights, optimizer, scheduler, RNG, data)."""
-        self.consecutive_failed = int(checkpoints.read_state(Path(checkpoint)).get("consecutive_failed", 0))
+        saved = checkpoints.read_state(Path(checkpoint))
+        self.consecutive_failed = int(saved.get("consecutive_failed", 0))
+        if self.judge_spend is not None:
+            self.judge_spend.restore(Usage.from_dict(saved.get(judge_spend.STATE_KEY)))
         queued = judge_ahead.queue_file(Path(checkpoint), self.accelerator.process_index)
         if self.rollouts.depth > 0 and queued.is_file():
             for rollout in judge_ahead.RolloutQueue.load(queued, self.accelerator.device):

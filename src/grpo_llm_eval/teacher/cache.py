@@ -173,6 +173,11 @@ class CachedTeacher:
         self.rubric = rubric
         self.flags = dict(flags)
 
+    @property
+    def usage(self):
+        """The wrapped teacher's usage meter: a grade answered from the cache costs nothing."""
+        return self.teacher.usage
+
     def key(self, request: JudgeRequest) -> str:
         """The cache key of one request."""
         return cache_key(self.model_name, self.rubric.fingerprint, self.flags, request)

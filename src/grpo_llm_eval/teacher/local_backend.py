@@ -20,6 +20,7 @@ from grpo_llm_eval.teacher.grading import TruncationCheck, judgement_from_comple
 from grpo_llm_eval.teacher.local_scores import ForcedScorer
 from grpo_llm_eval.teacher.probe import check_in_child
 from grpo_llm_eval.teacher.types import Judgement, JudgeRequest, TeacherUnavailable
+from grpo_llm_eval.teacher.usage import BudgetSpent, UsageMeter
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ class LocalTeacher:
         self._closing = threading.Event()  # set by aclose: a batch in progress stops after its current grade
         self.check_in_child = True  # health_check grades once in a child process first (teacher/probe.py)
         self._truncation = TruncationCheck(rubric, cfg.max_feedback_new_tokens)  # decoded grades only
+        self.usage = UsageMeter.from_config(cfg)  # tokens counted with the model's own tokenizer (usage.py)
 
     def _load(self, logits_all: bool):
         from grpo_llm_eval.teacher.llamacpp import load_llama
@@ -153,10 +155,20 @@ class LocalTeacher:
         return self._judge_all(requests)
 
     def _judge_all(self, requests: list[JudgeRequest]) -> list[Judgement]:
+        from grpo_llm_eval.teacher.openai_backend import process_count
+
+        self.usage.share = 1.0 / process_count()
         with self._lock:
-            return [self._judge_one(r) if not self._closing.is_set()
+            return [self._judge_gated(r) if not self._closing.is_set()
                     else Judgement.failed("error", self.rubric.names, error="the teacher was closed")
                     for r in requests]
+
+    def _judge_gated(self, req: JudgeRequest) -> Judgement:
+        try:
+            self.usage.check()
+        except BudgetSpent as exc:
+            return Judgement.failed("budget_spent", self.rubric.names, error=str(exc), attempts=0)
+        return self._judge_one(req)
 
     def _judge_one(self, req: JudgeRequest) -> Judgement:
         self._model()
@@ -179,14 +191,20 @@ class LocalTeacher:
         try:
             out = self._model().create_chat_completion(**kwargs)
         except Exception as exc:  # e.g. a prompt longer than the context: this grade fails, the run goes on
+            self.usage.add(1)
             return Judgement.failed("error", self.rubric.names, error=str(exc)[:300],
                                     latency_s=time.perf_counter() - start)
+        used = out.get("usage") or {}
+        self.usage.add(1, used.get("prompt_tokens", 0), used.get("completion_tokens", 0))
+        attributed = {"calls": 1, "prompt_tokens": used.get("prompt_tokens", 0),
+                      "completion_tokens": used.get("completion_tokens", 0)}
         choice = out["choices"][0]
         logprobs = (choice.get("logprobs") or {}).get("content") if cfg.teacher_logprob_scores else None
         judgement = judgement_from_completion(
             self.rubric, choice["message"].get("content"), None, logprobs, bool(cfg.teacher_logprob_scores),
             cfg.think_open_string, cfg.think_close_string, latency_s=time.perf_counter() - start, attempts=1)
         judgement.extra["finish_reason"] = choice.get("finish_reason")
+        judgement.extra["usage"] = attributed
         return self._truncation.apply(judgement, choice.get("finish_reason"), structured, compact=True)
 
     def _judge_forced(self, req: JudgeRequest) -> Judgement:
@@ -196,11 +214,15 @@ class LocalTeacher:
         try:
             text, scores = self._scorer.grade(messages)
         except Exception as exc:  # e.g. a prompt longer than the context: this grade fails, the run goes on
+            self.usage.add(1)
             return Judgement.failed("error", self.rubric.names, error=str(exc)[:300],
                                     latency_s=time.perf_counter() - start)
+        prompt_tokens, completion_tokens = self._scorer.token_counts(messages, text)
+        self.usage.add(1, prompt_tokens, completion_tokens)
         judgement = judgement_from_completion(self.rubric, text, None, None, False, self.cfg.think_open_string,
                                               self.cfg.think_close_string, latency_s=time.perf_counter() - start,
                                               attempts=1)
+        judgement.extra["usage"] = {"calls": 1, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
         missing = [name for name in self.rubric.names if scores.get(name) is None]
         if judgement.ok and missing:
             return Judgement.failed("incomplete", self.rubric.names, raw=text, latency_s=judgement.latency_s,

@@ -122,6 +122,11 @@ class ForcedScorer:
         walk("", 1.0)
         return out
 
+    def token_counts(self, messages: list[dict], grade: str) -> tuple[int, int]:
+        """(prompt tokens, grade tokens) of one grading, by the model's tokenizer: what it would cost served."""
+        prompt = self._formatter(messages=messages).prompt
+        return len(self._tokens(prompt)), len(self.llm.tokenize(grade.encode("utf-8"), add_bos=False, special=False))
+
     def grade(self, messages: list[dict]) -> tuple[str, dict[str, float | None]]:
         """(the grade as JSON text, each criterion's probability-weighted score or None)."""
         prompt = self._formatter(messages=messages).prompt

@@ -9,8 +9,6 @@ re-asked: at the usual temperature 0 the server would answer the same text again
 from __future__ import annotations
 
 import asyncio
-import base64
-import email.utils
 import logging
 import math
 import os
@@ -23,8 +21,12 @@ from dataclasses import dataclass
 
 import openai
 
+from grpo_llm_eval.teacher.gate import CallGate
 from grpo_llm_eval.teacher.grading import TruncationCheck, judgement_from_completion
+from grpo_llm_eval.teacher.limits import AdaptiveConcurrency
+from grpo_llm_eval.teacher.transport import display_url, retry_after_seconds, split_credentials
 from grpo_llm_eval.teacher.types import Judgement, JudgeRequest, TeacherUnavailable
+from grpo_llm_eval.teacher.usage import BudgetSpent, UsageMeter
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +35,14 @@ TOP_LOGPROBS = 20
 _RETRY_CODES = frozenset({408, 409, 429})
 _MAX_RETRY_AFTER_S = 120.0  # a server asking for longer is treated as this, so a run cannot stall for hours
 _BACKOFF_CAP_S = 30.0
+# The health check's probe of what the server accepts (answered with one token).
+PROBE = JudgeRequest("What is 1 + 1?", "<think>1 + 1 = 2</think> 2", "2")
 
 
 @dataclass
 class _LoopState:
     client: openai.AsyncOpenAI
-    semaphore: asyncio.Semaphore
+    slots: AdaptiveConcurrency
     closer: object = None
 
 
@@ -52,50 +56,6 @@ async def _close_at_loop_shutdown(client: openai.AsyncOpenAI):
         yield
     finally:
         await client.close()
-
-
-def retry_after_seconds(headers) -> float | None:
-    """Seconds a response asks us to wait: `retry-after-ms`, or `Retry-After` as seconds or an HTTP date."""
-    if headers is None:
-        return None
-    ms = headers.get("retry-after-ms")
-    try:
-        if ms is not None:
-            return max(0.0, float(ms) / 1000.0)
-    except ValueError:
-        pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def split_credentials(url: str) -> tuple[str, dict[str, str]]:
-    """(URL without user:password@, headers carrying them as HTTP Basic auth).
-
-    httpx turns a URL's user:password@ into Basic auth by itself, but it also logs the URL with them (with
-    --debug), so they are taken out of the URL and sent as the same header instead.
-
-    >>> split_credentials("http://u:p%40ss@host:8000/v1")
-    ('http://host:8000/v1', {'Authorization': 'Basic dTpwQHNz'})
-    """
-    parts = urllib.parse.urlsplit(url)
-    if not (parts.username or parts.password):
-        return url, {}
-    user = urllib.parse.unquote(parts.username or "")
-    password = urllib.parse.unquote(parts.password or "")
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    host = parts.hostname or ""
-    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), {"Authorization": f"Basic {token}"}
 
 
 def process_count() -> int:
@@ -114,14 +74,6 @@ def process_count() -> int:
         return 1
 
 
-def _display_url(url: str) -> str:
-    """The URL without user:password@, safe for messages."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
 class OpenAITeacher:
     """Grades through an OpenAI-compatible chat completions endpoint; see the module doc.
 
@@ -129,7 +81,8 @@ class OpenAITeacher:
     prompt_tokens, completion_tokens, fallbacks.
     """
 
-    def __init__(self, cfg, rubric, backoff_base_s: float = 0.5, num_processes: int | None = None):
+    def __init__(self, cfg, rubric, backoff_base_s: float = 0.5, num_processes: int | None = None,
+                 rate_window_s: float = 60.0):
         self.cfg = cfg
         self.rubric = rubric
         self.model = cfg.teacher_model_name
@@ -148,10 +101,13 @@ class OpenAITeacher:
         self._api_key = os.environ.get("OPENAI_API_KEY") or "EMPTY"
         self._base_url, self._headers = split_credentials(cfg.openai_base_url) if cfg.openai_base_url else (None, {})
         self._secrets = [v for v in (urllib.parse.urlsplit(cfg.openai_base_url).password,) if v]
-        # None: the run's process count, read when the first semaphore is made (see concurrency_per_process).
+        # None: the run's process count, read when the first loop state is made (see concurrency_per_process).
         self.num_processes = num_processes
         self._states: dict[asyncio.AbstractEventLoop, _LoopState] = {}
         self._lock = threading.Lock()
+        self.usage = UsageMeter.from_config(cfg)  # every request sent, for metrics and budgets (usage.py)
+        self.rate_window_s = rate_window_s  # per-minute limits' window; shorter only in tests
+        self._gate: CallGate | None = None
         self.stats = {"calls": 0, "attempts": 0, "retries": 0, "ok": 0, "failures": {}, "latency_s_total": 0.0,
                       "prompt_tokens": 0, "completion_tokens": 0, "fallbacks": []}
 
@@ -164,7 +120,7 @@ class OpenAITeacher:
         return max(1, math.ceil(self.cfg.teacher_max_concurrency / max(1, processes)))
 
     async def _state(self) -> _LoopState:
-        """Client and semaphore of the running loop; asyncio objects must not cross loops."""
+        """Client and concurrency slots of the running loop; asyncio objects must not cross loops."""
         loop = asyncio.get_running_loop()
         with self._lock:
             for old in [lp for lp in self._states if lp.is_closed()]:
@@ -174,8 +130,12 @@ class OpenAITeacher:
             if created:
                 client = openai.AsyncOpenAI(api_key=self._api_key, base_url=self._base_url, timeout=self.timeout_s,
                                             max_retries=0, default_headers=self._headers or None)
-                state = self._states[loop] = _LoopState(client, asyncio.Semaphore(self.concurrency_per_process),
-                                                        _close_at_loop_shutdown(client))
+                slots = AdaptiveConcurrency(self.concurrency_per_process, self.cfg.teacher_adaptive_concurrency,
+                                            f"the teacher at {self.url}", self.timeout_s)
+                state = self._states[loop] = _LoopState(client, slots, _close_at_loop_shutdown(client))
+            if self._gate is None:
+                processes = self.num_processes if self.num_processes is not None else process_count()
+                self._gate = CallGate(self.cfg, self.usage, processes, self.rate_window_s)
         if created:
             await state.closer.__anext__()  # registers the generator with this loop
         return state
@@ -184,7 +144,7 @@ class OpenAITeacher:
     def url(self) -> str:
         """The server's base URL as shown in messages (credentials stripped)."""
         base = self._base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
-        return _display_url(base)
+        return display_url(base)
 
     def _redact(self, text: str, limit: int = 300) -> str:
         """Short error text that cannot carry the API key or a bearer token."""
@@ -232,6 +192,22 @@ class OpenAITeacher:
         if self.model not in served:
             raise TeacherUnavailable(f"the server at {self.url} does not serve {self.model!r}; it serves: "
                                      f"{', '.join(served) or '(nothing)'}; set teacher_model_name to one of them")
+        await self._learn_options(state)
+
+    async def _learn_options(self, state: _LoopState) -> None:
+        """Find out once, with one-token requests, which of structured output and logprobs the server takes, so
+        that the first batch is not sent with an option that every one of its calls would have refused."""
+        for _ in range(4):  # each refusal switches one option off or to its next form
+            structured, logprobs, fmt = self.structured, self.logprobs, self.structured_format
+            if not (structured or logprobs):
+                return
+            try:
+                await self._send(state, PROBE, structured, logprobs, fmt, max_tokens=1)
+                return
+            except Exception as exc:  # anything but a refusal is the batch's business, not the probe's
+                if not self._fall_back(exc, structured, logprobs, fmt):
+                    logger.debug("probing the teacher's options failed: %s", self._redact(str(exc), 160))
+                    return
 
     async def aclose(self) -> None:
         """Close the client of the running loop and forget the others (their loops own their sockets)."""
@@ -250,9 +226,10 @@ class OpenAITeacher:
             attempts += 1
             self._bump("attempts")
             try:
-                async with state.semaphore:
-                    completion = await self._create(state.client, req, structured, logprobs, fmt)
+                completion = await self._send(state, req, structured, logprobs, fmt)
                 return self._finish(completion, logprobs, start, attempts, structured)
+            except BudgetSpent as exc:
+                return self._failed("budget_spent", exc, start, attempts)
             except Exception as exc:  # every failure becomes a status; CancelledError still propagates
                 if self._fall_back(exc, structured, logprobs, fmt):
                     continue  # a refused option is not the server's fault: retry plainly, free of charge
@@ -263,15 +240,34 @@ class OpenAITeacher:
                     delay = self._delay(retries, wait)
                     logger.debug("teacher call failed (%s: %s); retry %d/%d in %.2fs", status,
                                  self._redact(str(exc), 120), retries, self.max_retries, delay)
-                    await asyncio.sleep(delay)  # outside the semaphore, so other calls proceed
+                    await asyncio.sleep(delay)  # outside the concurrency slot, so other calls proceed
                     continue
                 return self._failed(status, exc, start, attempts)
 
-    async def _create(self, client: openai.AsyncOpenAI, req: JudgeRequest, structured: bool, logprobs: bool,
-                      fmt: str = "json_schema"):
-        kwargs = {"model": self.model, "temperature": self.cfg.teacher_temperature,
-                  "messages": self.rubric.messages(req.question, req.response, req.ground_truth, json_mode=structured),
-                  self._max_tokens_param: self.cfg.max_feedback_new_tokens}
+    async def _send(self, state: _LoopState, req: JudgeRequest, structured: bool, logprobs: bool, fmt: str,
+                    max_tokens: int | None = None):
+        """One request through the concurrency slot, the gate (budget, per-minute limits) and the usage meter."""
+        messages = self.rubric.messages(req.question, req.response, req.ground_truth, json_mode=structured)
+        max_tokens = max_tokens or self.cfg.max_feedback_new_tokens
+        admitted = await state.slots.acquire()
+        outcome, completion, ticket = "error", None, None
+        try:
+            ticket = await self._gate.enter(messages, max_tokens)
+            completion = await self._create(state.client, messages, structured, logprobs, fmt, max_tokens)
+            outcome = "ok"
+            return completion
+        except Exception as exc:
+            outcome = self._classify(exc)[0]
+            raise
+        finally:
+            if ticket is not None:
+                self._gate.leave(ticket, getattr(completion, "usage", None))
+            await state.slots.release(admitted, outcome)
+
+    async def _create(self, client: openai.AsyncOpenAI, messages: list[dict], structured: bool, logprobs: bool,
+                      fmt: str, max_tokens: int):
+        kwargs = {"model": self.model, "temperature": self.cfg.teacher_temperature, "messages": messages,
+                  self._max_tokens_param: max_tokens}
         if structured:
             kwargs["response_format"] = (self.rubric.response_format() if fmt == "json_schema"
                                          else {"type": "json_object", "schema": self._grammar_schema()})
@@ -307,6 +303,8 @@ class OpenAITeacher:
             self.rubric, message.content, reasoning if isinstance(reasoning, str) else None, tokens, logprobs,
             self.cfg.think_open_string, self.cfg.think_close_string, latency, attempts)
         judgement.extra["finish_reason"] = choice.finish_reason
+        judgement.extra["usage"] = {"calls": attempts, "prompt_tokens": getattr(usage, "prompt_tokens", 0) or 0,
+                                    "completion_tokens": getattr(usage, "completion_tokens", 0) or 0}
         return self._record(self._truncation.apply(judgement, choice.finish_reason, structured))
 
     def _failed(self, status: str, exc: Exception, start: float, attempts: int) -> Judgement:

@@ -8,8 +8,9 @@ from typing import Protocol
 # Statuses a Judgement can carry. "ok" is the only one whose scores count.
 STATUS_OK = "ok"
 # "truncated": the grade stopped at max_feedback_new_tokens before its scores were complete.
+# "budget_spent": the call was not sent because a teacher token or cost budget was spent.
 STATUSES = ("ok", "http_error", "timeout", "rate_limited", "connection_error", "unparseable", "incomplete", "empty",
-            "truncated", "error")
+            "truncated", "budget_spent", "error")
 
 
 class TeacherUnavailable(RuntimeError):
@@ -58,7 +59,10 @@ class Judgement:
 
 
 class Teacher(Protocol):
-    """What the reward function needs: grade a batch concurrently, in order."""
+    """What the reward function needs: grade a batch concurrently, in order. `usage` (a usage.UsageMeter)
+    counts every call made and refuses new ones once a budget is spent."""
+
+    usage: object
 
     async def judge(self, requests: list[JudgeRequest]) -> list[Judgement]: ...
 

@@ -17,6 +17,7 @@ import json
 import math
 import random
 import re
+import time
 from fractions import Fraction
 
 SEED_CRITERIA = ("thought_process", "answer", "format")
@@ -229,3 +230,39 @@ def _text(content) -> str:
 
 def _error(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def completion_object(body: dict, fault: str | None, number: int, mode: str, fixed_scores: dict[str, int],
+                      huge_chars: int, reasoning_field: str | None) -> dict:
+    """The fake teacher's chat.completion object for request BODY (faults that still answer 200 applied)."""
+    prompt = "\n".join(_text(m.get("content")) for m in body.get("messages", []))
+    grade = ({c: (s, f"Fixed grade {s} for {c}.") for c, s in fixed_scores.items()} if mode == "fixed"
+             else scripted_grade(prompt))
+    fmt = body.get("response_format") or {}
+    content = _json(grade, fmt) if fmt.get("type") in ("json_schema", "json_object") else _xml(grade)
+    if mode == "obedient":  # a gullible model writes what it was talked into, whatever the format asked
+        content = obedient_content(prompt)
+    if fault == "huge":
+        content = adversarial_text(huge_chars, seed=number)
+    elif fault == "noisy":
+        content = noisy_content(content)
+    content = {"garbage": GARBAGE, "empty": ""}.get(fault, content)
+    if fault == "huge":  # megabytes are not cut by max_tokens here: a misbehaving server ignores it
+        tokens, limit = [content], None
+    else:
+        tokens, limit = tokens_of(content), body.get("max_completion_tokens") or body.get("max_tokens")
+    finish = "stop"
+    if limit and len(tokens) > int(limit):
+        tokens, finish = tokens[: int(limit)], "length"
+        content = "".join(tokens)
+    message = {"role": "assistant", "content": content}
+    if reasoning_field:
+        # A draft with different scores: a client that parses reasoning instead of content is caught.
+        message[reasoning_field] = ("First impression: <answer><score>5</score><explanation>draft"
+                                    "</explanation></answer>. Checking the final number carefully.")
+    logprobs = {"content": _logprobs(tokens, int(body.get("top_logprobs") or 0))} if body.get("logprobs") else None
+    words = len(prompt.split())
+    return {"id": f"chatcmpl-{number}", "object": "chat.completion",
+            "created": int(time.time()), "model": body.get("model"),
+            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": logprobs}],
+            "usage": {"prompt_tokens": words, "completion_tokens": len(tokens), "total_tokens": words + len(tokens)}}

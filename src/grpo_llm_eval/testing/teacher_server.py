@@ -5,8 +5,10 @@ writes: `grades.py`): `scripted`, a correct teacher (answer and thought_process 
 number equals the ground truth's, else 0; format 10 with a think block); `fixed` scores; `obedient`, a
 gullible teacher. Faults (`FAULT_KINDS`, opt-in `EXTRA_FAULTS`) come at `fault_rate` from a seeded RNG or
 in order (`fault_script`), changeable while serving (`set_faults`); `die_after=N` kills the server after N
-chat requests; `require_auth` answers 401 to requests without that Authorization header. Every request
-and fault is counted, so tests can compare the server's view with the client's.
+chat requests; `require_auth` answers 401 to requests without that Authorization header; `serial` grades
+one request at a time and queues the rest, and `refuse_json_schema` refuses response_format json_schema
+(taking json_object), as llama.cpp's server does. Every request and fault is counted, so tests can compare
+the server's view with the client's.
 
     with TeacherServer(mode="scripted", fault_rate=0.3, seed=0) as srv:
         srv.base_url   # http://127.0.0.1:PORT/v1
@@ -17,10 +19,12 @@ CLI: python -m grpo_llm_eval.testing.teacher_server --port 8011 --mode scripted 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import random
+import select
 import socket
 import threading
 import time
@@ -30,19 +34,12 @@ from grpo_llm_eval.testing.grades import (
     GARBAGE,
     SEED_CRITERIA,
     _error,
-    _json,
-    _logprobs,
-    _text,
-    _xml,
-    adversarial_text,
+    completion_object,
     criteria_in,
     extract_fields,
     last_number,
-    noisy_content,
-    obedient_content,
     request_key,
     scripted_grade,
-    tokens_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -76,7 +73,8 @@ class TeacherServer:
                  refuse_logprobs: bool = False, reasoning_field: str | None = None,
                  models_endpoint: bool = True, refuse_max_tokens: bool = False, port: int = 0,
                  fault_script: tuple[str | None, ...] = (), die_after: int | None = None,
-                 huge_chars: int = 2_000_000, require_auth: str | None = None):
+                 huge_chars: int = 2_000_000, require_auth: str | None = None, refuse_json_schema: bool = False,
+                 serial: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         _check_faults((*faults, *(f for f in fault_script if f is not None)))
@@ -87,6 +85,10 @@ class TeacherServer:
         self.models = tuple(models)
         self.fixed_scores = dict(fixed_scores or {c: 7 for c in SEED_CRITERIA})
         self.refuse_response_format, self.refuse_logprobs = refuse_response_format, refuse_logprobs
+        self.refuse_json_schema = refuse_json_schema  # as llama.cpp's server: json_object (with a schema) is taken
+        # serial: grade one request at a time and queue the rest, skipping those whose client left while queued
+        # (llama.cpp's server does both).
+        self.serial, self._serial_lock = serial, threading.Lock()
         self.reasoning_field, self.models_endpoint, self.port = reasoning_field, models_endpoint, port
         self.refuse_max_tokens = refuse_max_tokens  # as OpenAI's newer models do
         self.require_auth = require_auth  # the exact Authorization header every request must carry; else 401
@@ -198,6 +200,7 @@ class TeacherServer:
             s["max_in_flight"] = max(s["max_in_flight"], s["in_flight"])
             entry = {"i": len(s["log"]), "t": time.monotonic(), "key": key, "fault": fault, "status": None, "auth": auth,
                      "structured": "response_format" in body, "logprobs": bool(body.get("logprobs"))}
+            entry["queued"] = s["in_flight"] - 1  # requests ahead of this one (all of them, when serial)
             s["log"].append(entry)
             return entry
 
@@ -223,37 +226,8 @@ class TeacherServer:
     # ---- grading -----------------------------------------------------------------------------
     def completion(self, body: dict, fault: str | None, number: int = 0) -> dict:
         """The chat.completion object for a request (faults that still answer 200 applied)."""
-        prompt = "\n".join(_text(m.get("content")) for m in body.get("messages", []))
-        grade = ({c: (s, f"Fixed grade {s} for {c}.") for c, s in self.fixed_scores.items()} if self.mode == "fixed"
-                 else scripted_grade(prompt))
-        fmt = body.get("response_format") or {}
-        content = _json(grade, fmt) if fmt.get("type") in ("json_schema", "json_object") else _xml(grade)
-        if self.mode == "obedient":  # a gullible model writes what it was talked into, whatever the format asked
-            content = obedient_content(prompt)
-        if fault == "huge":
-            content = adversarial_text(self.huge_chars, seed=number)
-        elif fault == "noisy":
-            content = noisy_content(content)
-        content = {"garbage": GARBAGE, "empty": ""}.get(fault, content)
-        if fault == "huge":  # megabytes are not cut by max_tokens here: a misbehaving server ignores it
-            tokens, limit = [content], None
-        else:
-            tokens, limit = tokens_of(content), body.get("max_completion_tokens") or body.get("max_tokens")
-        finish = "stop"
-        if limit and len(tokens) > int(limit):
-            tokens, finish = tokens[: int(limit)], "length"
-            content = "".join(tokens)
-        message = {"role": "assistant", "content": content}
-        if self.reasoning_field:
-            # A draft with different scores: a client that parses reasoning instead of content is caught.
-            message[self.reasoning_field] = ("First impression: <answer><score>5</score><explanation>draft"
-                                             "</explanation></answer>. Checking the final number carefully.")
-        logprobs = {"content": _logprobs(tokens, int(body.get("top_logprobs") or 0))} if body.get("logprobs") else None
-        words = len(prompt.split())
-        return {"id": f"chatcmpl-{number}", "object": "chat.completion",
-                "created": int(time.time()), "model": body.get("model"),
-                "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": logprobs}],
-                "usage": {"prompt_tokens": words, "completion_tokens": len(tokens), "total_tokens": words + len(tokens)}}
+        return completion_object(body, fault, number, self.mode, self.fixed_scores, self.huge_chars,
+                                 self.reasoning_field)
 
 
 class _Server(ThreadingHTTPServer):
@@ -346,6 +320,9 @@ class _Handler(BaseHTTPRequestHandler):
         if app.refuse_response_format and body.get("response_format"):
             return self._send(400, _error("response_format json_schema is not supported by this server",
                                           "invalid_request_error", "response_format"))
+        if app.refuse_json_schema and (body.get("response_format") or {}).get("type") == "json_schema":
+            return self._send(400, _error("response_format type json_schema is not supported; use json_object",
+                                          "invalid_request_error", "response_format"))
         if app.refuse_logprobs and body.get("logprobs"):
             return self._send(400, _error("logprobs are not supported by this server", "invalid_request_error", "logprobs"))
         if app.refuse_max_tokens and "max_tokens" in body:
@@ -356,6 +333,26 @@ class _Handler(BaseHTTPRequestHandler):
         if fault == "drop":
             app._leave_chat(entry, None)
             return self._drop()
+        with app._serial_lock if app.serial else contextlib.nullcontext():
+            if app.serial and self._client_gone():
+                app._leave_chat(entry, None)
+                return self._drop()
+            status, payload, headers = self._answer(body, entry)
+        # Leave before writing, so the next request a client sends after reading this answer is never
+        # counted as overlapping with it (keeps max_in_flight exact).
+        app._leave_chat(entry, status)
+        self._send(status, payload, headers, trickle_s=app.hang_s if fault == "trickle" else 0.0)
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed the connection (readable with nothing to read), e.g. after its timeout."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    def _answer(self, body: dict, entry: dict) -> tuple[int, dict, dict | None]:
+        app, fault, status = self.app, entry["fault"], 200
         try:
             app._stopping.wait(app.latency_s + (app.hang_s if fault == "hang" else 0.0))
             if fault == "500":
@@ -366,13 +363,11 @@ class _Handler(BaseHTTPRequestHandler):
                 payload = _error("Rate limit reached (injected)", "rate_limit_error", code="rate_limit_exceeded")
             else:
                 payload, headers = app.completion(body, fault, entry["i"]), None
+                entry["usage"] = payload["usage"]
         except Exception as exc:  # a bug in the fake must still answer, or the client hangs
             logger.exception("teacher-server: failed to build a response")
             status, payload, headers = 500, _error(f"teacher-server bug: {type(exc).__name__}", "server_error"), None
-        # Leave before writing, so the next request a client sends after reading this answer is never
-        # counted as overlapping with it (keeps max_in_flight exact).
-        app._leave_chat(entry, status)
-        self._send(status, payload, headers, trickle_s=app.hang_s if fault == "trickle" else 0.0)
+        return status, payload, headers
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -389,13 +384,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fixed-scores", default="", help="e.g. thought_process=7,answer=7,format=7")
     p.add_argument("--refuse-response-format", action="store_true")
     p.add_argument("--refuse-logprobs", action="store_true")
+    p.add_argument("--refuse-json-schema", action="store_true", help="refuse response_format json_schema only")
+    p.add_argument("--serial", action="store_true", help="grade one request at a time, queue the rest")
     p.add_argument("--reasoning-field", default=None, help="also return reasoning text in this message field")
     a = p.parse_args(argv)
     fixed = {k: int(v) for k, v in (kv.split("=") for kv in a.fixed_scores.split(",") if kv)} or None
     srv = TeacherServer(mode=a.mode, fault_rate=a.fault_rate, seed=a.seed, faults=tuple(f for f in a.faults.split(",") if f),
                         hang_s=a.hang_s, retry_after_s=a.retry_after_s, latency_s=a.latency_s,
                         models=tuple(a.models.split(",")), fixed_scores=fixed, refuse_response_format=a.refuse_response_format,
-                        refuse_logprobs=a.refuse_logprobs, reasoning_field=a.reasoning_field, port=a.port,
+                        refuse_logprobs=a.refuse_logprobs, refuse_json_schema=a.refuse_json_schema,
+                        serial=a.serial, reasoning_field=a.reasoning_field, port=a.port,
                         die_after=a.die_after, huge_chars=a.huge_chars)
     srv.start()
     print(f"teacher server at {srv.base_url} (mode={a.mode}, fault_rate={a.fault_rate}); Ctrl-C to stop", flush=True)

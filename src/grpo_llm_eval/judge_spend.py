@@ -1,0 +1,73 @@
+"""The teacher's spend during training: per step and run totals in metrics.jsonl, and the stop at a budget.
+
+Each step end sums every process's usage meter (teacher/usage.py) and logs what the run spent since the
+previous step end (`judge/calls`, `judge/prompt_tokens`, `judge/completion_tokens`, `judge/cost_usd` when
+priced) and in total (`judge/total_*`, resumes included). Spend is counted when the call is made, so a
+batch judged ahead counts in the step during which it was graded, not the one that trains on it; the
+totals are exactly what the teacher was asked for. When a budget is reached the run stops as
+`max_train_minutes` stops it: the step finishes, a checkpoint and final/ are saved, one line names the
+budget, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from transformers import TrainerCallback
+
+from grpo_llm_eval.teacher.usage import Usage, UsageMeter, describe, usage_metrics
+
+logger = logging.getLogger(__name__)
+
+STATE_KEY = "judge_usage"  # in the checkpoint's grpo_llm_eval_state.json
+
+
+class JudgeSpend(TrainerCallback):
+    """Logs teacher spend per step and in total; stops training (with a checkpoint) when a budget is reached."""
+
+    def __init__(self, trainer, meter: UsageMeter):
+        self.trainer = trainer
+        self.meter = meter
+        self.total = Usage()  # the whole run's, all processes, as of the last step end
+        self._last = Usage()
+        self._before = Usage()
+        self.spent: str | None = None  # the line naming the budget reached, once reached
+
+    def restore(self, spent_before: Usage) -> None:
+        """What the run spent before a resume: counted in the totals and against the budgets."""
+        self._before = self.total = self._last = spent_before
+        self.meter.before = spent_before
+
+    def state(self) -> dict:
+        """For the checkpoint: the run's totals."""
+        return self.total.to_dict()
+
+    def _run_total(self) -> Usage:
+        import torch
+
+        accelerator = self.trainer.accelerator
+        local = torch.tensor(self.meter.usage.as_tuple(), dtype=torch.float64, device=accelerator.device)
+        summed = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
+        return self._before + Usage(*(int(round(v)) for v in summed.tolist()))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.total = self._run_total()
+        step, self._last = self.total - self._last, self.total
+        prices = self.meter.prices
+        for name, value in usage_metrics(step, prices, "judge/").items():
+            self.trainer._metric(name, value)
+        metrics = self.trainer._metrics["train"]
+        for name, value in usage_metrics(self.total, prices, "judge/total_").items():
+            metrics[name] = [value]  # a total, not averaged over the logging window: the latest is the value
+        reason = self.meter.budgets.spent(self.total, prices)
+        if reason is not None and state.global_step < state.max_steps:
+            control.should_save = True
+            control.should_training_stop = True
+            if self.spent is None:
+                logger.info("Teacher budget %s; stopping after step %d.", reason, state.global_step)
+            self.spent = reason
+
+    def on_train_end(self, args, state, control, **kwargs):
+        total = self._run_total()  # every process takes part in the sum
+        if state.is_world_process_zero:
+            logger.info("Teacher spend of the run: %s.", describe(total, self.meter.prices))
