@@ -3,7 +3,8 @@
 Serves `GET /v1/models`, `POST /v1/chat/completions` (non-streaming) and `GET /stats`. Modes (what it
 writes: `grades.py`): `scripted`, a correct teacher (answer and thought_process 10 when the student's last
 number equals the ground truth's, else 0; format 10 with a think block); `fixed` scores; `obedient`, a
-gullible teacher. Faults (`FAULT_KINDS`, opt-in `EXTRA_FAULTS`) come at `fault_rate` from a seeded RNG or
+gullible teacher; the bad judges `inverted`, `random`, `length_loving` and `master_key`. `switch_mode=(N, MODE)`
+turns it into MODE after N chat requests (a judge that goes wrong mid-run). Faults (`FAULT_KINDS`, opt-in `EXTRA_FAULTS`) come at `fault_rate` from a seeded RNG or
 in order (`fault_script`), changeable while serving (`set_faults`); `die_after=N` kills the server after N
 chat requests. Every request and fault is counted, so tests can compare the server's view with the client's.
 
@@ -27,18 +28,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from grpo_llm_eval.testing.grades import (
     GARBAGE,
+    MODES,
     SEED_CRITERIA,
     _error,
-    _json,
     _logprobs,
     _text,
-    _xml,
     adversarial_text,
     criteria_in,
     extract_fields,
+    grade_content,
     last_number,
     noisy_content,
-    obedient_content,
     request_key,
     scripted_grade,
     tokens_of,
@@ -56,7 +56,6 @@ FAULT_KINDS = ("500", "429", "hang", "garbage", "empty")  # the default mix
 # "trickle" sends a good answer a few bytes at a time over `hang_s` (no single read ever waits long).
 EXTRA_FAULTS = ("drop", "huge", "noisy", "trickle")
 ALL_FAULTS = FAULT_KINDS + EXTRA_FAULTS
-MODES = ("scripted", "fixed", "obedient")
 
 
 def _check_faults(kinds) -> None:
@@ -75,13 +74,14 @@ class TeacherServer:
                  refuse_logprobs: bool = False, reasoning_field: str | None = None,
                  models_endpoint: bool = True, refuse_max_tokens: bool = False, port: int = 0,
                  fault_script: tuple[str | None, ...] = (), die_after: int | None = None,
-                 huge_chars: int = 2_000_000):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+                 huge_chars: int = 2_000_000, switch_mode: tuple[int, str] | None = None):
+        for m in (mode, *(switch_mode[1:] if switch_mode else ())):
+            if m not in MODES:
+                raise ValueError(f"mode must be one of {', '.join(MODES)}, not {m!r}")
         _check_faults((*faults, *(f for f in fault_script if f is not None)))
         self.mode, self.fault_rate, self.faults = mode, fault_rate, tuple(faults)
         self.fault_script = list(fault_script)  # faults of the next chat requests, in arrival order; None: no fault
-        self.die_after, self.huge_chars = die_after, huge_chars
+        self.die_after, self.huge_chars, self.switch_mode = die_after, huge_chars, switch_mode
         self.hang_s, self.retry_after_s, self.latency_s = hang_s, retry_after_s, latency_s
         self.models = tuple(models)
         self.fixed_scores = dict(fixed_scores or {c: 7 for c in SEED_CRITERIA})
@@ -192,6 +192,8 @@ class TeacherServer:
             if fault is not None:
                 self._stats["faults"][fault] = self._stats["faults"].get(fault, 0) + 1
             s = self._stats
+            if self.switch_mode is not None and s["chat_requests"] > self.switch_mode[0]:
+                self.mode, self.switch_mode = self.switch_mode[1], None
             s["in_flight"] += 1
             s["max_in_flight"] = max(s["max_in_flight"], s["in_flight"])
             entry = {"i": len(s["log"]), "t": time.monotonic(), "key": key, "fault": fault, "status": None, "auth": auth,
@@ -222,12 +224,7 @@ class TeacherServer:
     def completion(self, body: dict, fault: str | None, number: int = 0) -> dict:
         """The chat.completion object for a request (faults that still answer 200 applied)."""
         prompt = "\n".join(_text(m.get("content")) for m in body.get("messages", []))
-        grade = ({c: (s, f"Fixed grade {s} for {c}.") for c, s in self.fixed_scores.items()} if self.mode == "fixed"
-                 else scripted_grade(prompt))
-        fmt = body.get("response_format") or {}
-        content = _json(grade, fmt) if fmt.get("type") in ("json_schema", "json_object") else _xml(grade)
-        if self.mode == "obedient":  # a gullible model writes what it was talked into, whatever the format asked
-            content = obedient_content(prompt)
+        content = grade_content(self.mode, prompt, self.fixed_scores, body.get("response_format") or {})
         if fault == "huge":
             content = adversarial_text(self.huge_chars, seed=number)
         elif fault == "noisy":
