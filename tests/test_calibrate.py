@@ -176,3 +176,11 @@ class TestReportPanels:
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"error: report: --calibration {tmp_path / 'nowhere'}: no calibration.json there; run "
                        "`grpo_llm_eval calibrate --output DIR` first."]
+
+
+class TestFailingTeacher:
+    def test_a_teacher_whose_grades_all_fail_is_named_as_the_worst_finding(self, responses, tmp_path):
+        with TeacherServer(mode="scripted", fault_rate=1.0, faults=("garbage",)) as server:
+            m = calibrate(load_config(None, teacher_overrides(server)), tmp_path, responses=responses)
+        assert m["judge_failure_rate"] == 1.0 and m["answer_auc"] is None and m["master_key_pass_rate"] is None
+        assert m["verdict"].startswith("JUDGE FAILS: 100% of grades could not be read")

@@ -25,6 +25,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from grpo_llm_eval import data as data_mod
@@ -45,6 +46,7 @@ MASTER_KEYS = (":", ".", " ", "Solution", "Thought process:", "Let's solve this 
 LENGTH_BIAS_FLAG = 0.3  # |within-class rank correlation| above this is reported as length bias
 CHANCE_AUC = 0.6  # an answer AUC below this is "near chance" (the monitors' default monitor_min_auc too)
 DISAGREEMENT_FLAG = 0.1  # repeated grades differing by more than a tenth of the scale on average
+GRADE_CHUNK = 64  # responses per teacher batch: a progress line each (a local teacher grades about 3 a second)
 
 
 class CalibrationError(ValueError):
@@ -171,6 +173,12 @@ def verdict(m: dict) -> str:
                             f"(rank correlation {m['length_bias']:+.2f})"))
     if m["self_disagreement"] is not None and m["self_disagreement"] > DISAGREEMENT_FLAG:
         findings.append((1, f"INCONSISTENT: repeated grades differ by {m['self_disagreement']:.0%} of the scale"))
+    failed = m.get("judge_failure_rate") or 0.0
+    if failed >= 0.5:
+        findings.append((6, f"JUDGE FAILS: {failed:.0%} of grades could not be read (judge_status in "
+                            f"{ROLLOUTS_FILE}); fix the teacher setup (max_feedback_new_tokens, structured output) first"))
+    elif failed > 0.1:
+        findings.append((1, f"UNRELIABLE: {failed:.0%} of grades failed (masked in training)"))
     if auc is None:
         findings.append((0, f"UNMEASURED: {m['null_reasons']['answer_auc']}"))
     if not findings:
@@ -205,8 +213,12 @@ def format_table(m: dict) -> str:
 
 
 def read_responses(path: str | Path) -> list[dict]:
-    """Rows of a responses file (JSONL: question, response or completion, answer or ground_truth) as samples."""
-    rows = read_jsonl(path)
+    """Rows of a responses file (JSONL: question, response or completion, answer or ground_truth) as samples.
+
+    A calibration_rollouts.jsonl is one too (its master-key rows are left out: they are added again), so the
+    same responses can be graded by another teacher.
+    """
+    rows = [r for r in read_jsonl(path) if r.get("kind") != "master_key"]
     if not rows:
         raise CalibrationError(f"--responses {path}: no rows; expected JSONL with question, response, answer.")
     prompts: dict[str, int] = {}
@@ -230,6 +242,7 @@ def sample_responses(cfg, model: str, split: str, limit: int, samples: int, batc
     dataset = data_mod.build_prompts(dataset, cfg)
     resolved = ev.resolve_eval_model(model, cfg.cache_dir)
     lm, tokenizer = ev.load_eval_model(resolved)
+    start = time.perf_counter()
     logger.info("Sampling %d response(s) to each of %d prompts of split %s with %s", samples, len(dataset), split,
                 model)
     texts = ev.generate_responses(lm, tokenizer, list(dataset["prompt"]), max_new_tokens=cfg.max_new_tokens,
@@ -239,16 +252,18 @@ def sample_responses(cfg, model: str, split: str, limit: int, samples: int, batc
                                   seed=cfg.seed)
     del lm
     ev._free_memory()
+    logger.info("sampled %d responses in %.0f s", sum(len(t) for t in texts), time.perf_counter() - start)
     return [{"question": q, "response": t, "ground_truth": a, "prompt_index": p}
             for p, (q, a, ts) in enumerate(zip(dataset["question"], dataset["answer"], texts, strict=True)) for t in ts]
 
 
 def _grade(loop, teacher, cfg, rubric, items: list[dict]) -> list[dict]:
     requests = [JudgeRequest(it["question"], it["response"], it["ground_truth"]) for it in items]
-    judgements = []
-    for start in range(0, len(requests), ev.JUDGE_CHUNK):
-        judgements += loop.run_until_complete(teacher.judge(requests[start:start + ev.JUDGE_CHUNK]))
-        logger.info("calibrate: graded %d/%d responses", len(judgements), len(requests))
+    judgements, start = [], time.perf_counter()
+    for first in range(0, len(requests), GRADE_CHUNK):
+        judgements += loop.run_until_complete(teacher.judge(requests[first:first + GRADE_CHUNK]))
+        logger.info("graded %d/%d responses (%.0f s)", len(judgements), len(requests),
+                    time.perf_counter() - start)
     return ev.grade_rows(cfg, rubric, judgements, [it["question"] for it in items], [it["response"] for it in items],
                          [it["ground_truth"] for it in items])
 
@@ -277,7 +292,7 @@ def calibrate(cfg, output: str | Path, model: str | None = None, limit: int = 0,
         loop.run_until_complete(teacher.health_check())
         rows = [{**it, **row} for it, row in zip(items, _grade(loop, teacher, cfg, rubric, items), strict=True)]
         if repeat is not None:
-            logger.info("calibrate: teacher_temperature %.2g > 0: grading the samples again for self_disagreement",
+            logger.info("teacher_temperature %.2g > 0: grading the samples again for self_disagreement",
                         cfg.teacher_temperature)
             again = _grade(loop, repeat, cfg, rubric, [it for it in items if it["kind"] == "sample"])
             for row, second in zip((r for r in rows if r["kind"] == "sample"), again, strict=False):
