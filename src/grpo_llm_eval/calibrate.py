@@ -40,9 +40,10 @@ logger = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "calibration.json"
 ROLLOUTS_FILE = "calibration_rollouts.jsonl"
-# Responses with no answer that strong judges were shown to accept (arXiv 2507.08794, table 1 and its variants).
-MASTER_KEYS = (":", ".", " ", "Solution", "Thought process:", "Let's solve this step by step.",
-               "Let me solve this problem step by step.", "The answer is", "解", "かいせつ", "Respuesta", "Answer:")
+# Responses with no answer that strong judges were shown to accept: the "master keys" of arXiv 2507.08794
+# (non-word symbols, reasoning openers, the same in other languages), plus two openers of our own.
+MASTER_KEYS = (" ", ".", ",", ":", "Thought process:", "Let's solve this problem step by step.", "Solution",
+               "解", "かいせつ", "Respuesta", "Let's solve this step by step.", "The answer is")
 LENGTH_BIAS_FLAG = 0.3  # |within-class rank correlation| above this is reported as length bias
 CHANCE_AUC = 0.6  # an answer AUC below this is "near chance" (the monitors' default monitor_min_auc too)
 DISAGREEMENT_FLAG = 0.1  # repeated grades differing by more than a tenth of the scale on average
@@ -295,7 +296,7 @@ def calibrate(cfg, output: str | Path, model: str | None = None, limit: int = 0,
             logger.info("teacher_temperature %.2g > 0: grading the samples again for self_disagreement",
                         cfg.teacher_temperature)
             again = _grade(loop, repeat, cfg, rubric, [it for it in items if it["kind"] == "sample"])
-            for row, second in zip((r for r in rows if r["kind"] == "sample"), again, strict=False):
+            for row, second in zip((r for r in rows if r["kind"] == "sample"), again, strict=True):
                 row["repeat_answer_score"] = answer_score(second, criterion)
     finally:
         try:
