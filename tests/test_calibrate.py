@@ -184,3 +184,20 @@ class TestFailingTeacher:
             m = calibrate(load_config(None, teacher_overrides(server)), tmp_path, responses=responses)
         assert m["judge_failure_rate"] == 1.0 and m["answer_auc"] is None and m["master_key_pass_rate"] is None
         assert m["verdict"].startswith("JUDGE FAILS: 100% of grades could not be read")
+
+
+class TestErrors:
+    def test_bad_samples_and_an_empty_responses_file_exit_1_with_one_line(self, tmp_path, capsys):
+        assert main(["calibrate", "--samples", "0", "--output", str(tmp_path / "a")]) == 1
+        assert capsys.readouterr().err.strip().splitlines() == [
+            "error: --samples 0: must be at least 1 (4 or more gives right and wrong answers)."]
+        missing = tmp_path / "none.jsonl"
+        assert main(["calibrate", "--responses", str(missing), "--output", str(tmp_path / "b")]) == 1
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"error: --responses {missing}: no rows; expected JSONL with question, response, answer."]
+
+    def test_the_server_refuses_an_unknown_mode_now_or_later(self):
+        with pytest.raises(ValueError, match="mode must be one of .*master_key"):
+            TeacherServer(mode="lenient")
+        with pytest.raises(ValueError, match="not 'lenient'"):
+            TeacherServer(mode="scripted", switch_mode=(3, "lenient"))
