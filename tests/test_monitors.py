@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from html import escape as html_escape
 
 import pytest
 
@@ -103,6 +104,11 @@ class TestTeacherTurnsInvertedMidRun:
         assert STEPS_BEFORE_TURN < events[0]["step"] <= STEPS_BEFORE_TURN + WINDOW
         assert sum("judge alarm" in r.getMessage() for r in caplog.records) == 1
         assert (tmp_path / "run" / "final").is_dir()  # warn trains on
+        assert main(["report", str(tmp_path / "run")]) == 0
+        html = (tmp_path / "run" / "report.html").read_text()
+        alarms = html.split('<div class="alarms"><h3>Judge alarms</h3>', 1)[1].split("</div>", 1)[0]
+        assert alarms.count("<li>") == 1 and "judge_disagrees" in alarms and html_escape(events[0]["message"]) in alarms
+        assert "Judge monitors" in html and "Verifier answer accuracy beside" in html
 
     def test_stop_saves_a_checkpoint_and_exits_non_zero_with_one_line(self, digit_model, digit_data, tmp_path,
                                                                       capsys):

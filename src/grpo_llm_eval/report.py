@@ -69,6 +69,7 @@ def build_report(run_dir: str | Path, output: str | Path | None = None, eval_dir
         f"<header><h1>{escape(title)}</h1><div class=\"muted\">{escape(str(run.resolve()))}</div></header><main>",
         overview(cfg, metrics, rollouts),
         "<h2 id=\"plots\">Training curves</h2>",
+        judge_alarms(metrics),
         *render_plots(metrics, answer_max=_answer_max(cfg)),
         calibration_section(calibration) if calibration is not None else "",
         eval_section(summary),
@@ -133,6 +134,16 @@ def series(metrics: list[dict], key: str) -> tuple[list[float], list[float]]:
             steps.append(step)
             values.append(float(value))
     return steps, values
+
+
+def judge_alarms(metrics: list[dict]) -> str:
+    """The judge monitors' alarms (event rows of metrics.jsonl), one line each; nothing when none was raised."""
+    alarms = [m for m in metrics if m.get("event") == "judge_alarm"]
+    if not alarms:
+        return ""
+    items = "".join(f"<li><b>{escape(str(a.get('alarm')))}</b> ({escape(str(a.get('action')))}): "
+                    f"{escape(str(a.get('message')))}</li>" for a in alarms)
+    return f"<div class=\"alarms\"><h3>Judge alarms</h3><ul>{items}</ul></div>"
 
 
 # ---- plots ---------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ td .text { white-space: pre-wrap; word-break: break-word; max-height: 12em; over
 .controls { display: flex; gap: 10px; align-items: center; margin: 8px 0; flex-wrap: wrap; }
 .controls input { padding: 5px 8px; min-width: 320px; border: 1px solid var(--line); border-radius: 4px; }
 .controls select { padding: 5px; }
+.alarms { border: 1px solid #b42318; border-radius: 6px; padding: 4px 12px; margin: 8px 0; background: #fef3f2; }
 .status-ok { color: #1f7a3a; }
 .status-bad { color: #b42318; font-weight: 600; }
 """

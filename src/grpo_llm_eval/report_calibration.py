@@ -96,6 +96,8 @@ def calibration_section(cal: dict) -> str:
         if ci:
             value += f" [{_num(ci[0])}, {_num(ci[1])}]"
         note = reasons.get(key, "")
+        if key == "master_key_pass_rate" and cal.get("master_keys_passed"):
+            note = "passed: " + ", ".join(repr(k) for k in cal["master_keys_passed"])
         if key == "answer_auc":
             note = (f"{cal.get('n_right', 0)} right, {cal.get('n_wrong', 0)} wrong responses; " + note).strip("; ")
         rows.append(f"<tr><td>{escape(key)}</td><td class=\"num\">{escape(value)}</td><td>{escape(note)}</td></tr>")
