@@ -10,6 +10,7 @@ from html import escape as html_escape
 import pytest
 
 from grpo_llm_eval.cli import main
+from grpo_llm_eval.config_load import ConfigError, load_config
 from grpo_llm_eval.monitors import JudgeMonitor
 from grpo_llm_eval.records import read_jsonl
 from grpo_llm_eval.testing.teacher_server import TeacherServer
@@ -24,6 +25,18 @@ def points(n_right: int, n_wrong: int, right_score: float, wrong_score: float, r
     """One step's (answer score, verifier check, teacher reward, length) points."""
     return [(right_score, True, reward, length + i) for i in range(n_right)] + \
         [(wrong_score, False, reward, length + i) for i in range(n_wrong)]
+
+
+class TestConfig:
+    def test_monitor_keys_are_validated_with_the_fix_named(self):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, ["on_judge_alarm=halt", "monitor_window=1", "monitor_min_auc=1.5"])
+        assert err.value.problems == [
+            "on_judge_alarm: 'halt' is not one of warn, stop; pick one of them.",
+            "monitor_window: 1 is below the minimum 2; use a value >= 2.",
+            "monitor_min_auc: 1.5 is above the maximum 1.0; use a value <= 1.0."]
+        cfg = load_config(None, [])
+        assert (cfg.monitor_min_auc, cfg.monitor_window, cfg.on_judge_alarm) == (0.6, 10, "warn")
 
 
 class TestJudgeMonitor:
