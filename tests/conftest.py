@@ -73,3 +73,42 @@ def tiny_overrides(model: str, out: Path, **extra) -> list[str]:
     import json
 
     return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in base.items()]
+
+
+def build_digit_model(path: Path, digits: tuple[str, ...] = ("1", "2"), seed: int = 0) -> Path:
+    """A tiny Llama that answers with one of DIGITS at random: right and wrong answers in every batch, as the
+    judge monitors and calibration need, at the tiny model's cost.
+
+    The residual stream gets a large constant feature (one embedding column), the final norm passes only that
+    feature, and the (untied) output head turns it into a high logit for the digits and a low one for every
+    other token: the next token is one of the digits with near-equal odds, whatever the prompt.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from grpo_llm_eval.models import convert_bundled
+
+    tok = AutoTokenizer.from_pretrained(convert_bundled("smollm2-135m-instruct", CACHE_DIR))
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    ids = [tok.convert_tokens_to_ids(d) for d in digits]
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 20.0
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[:, 0] = -3.0
+        model.lm_head.weight[ids, 0] = 3.0
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def digit_model(tmp_path_factory) -> str:
+    """Path of the tiny model that answers "1" or "2" (built once per test session)."""
+    return str(build_digit_model(tmp_path_factory.mktemp("digit-model")))

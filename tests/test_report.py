@@ -117,16 +117,18 @@ class TestReportFile:
 
 
 class TestReportLimits:
-    def test_a_metric_not_recorded_gets_a_note_not_an_empty_chart(self, report_run, tmp_path):
+    def test_a_metric_not_recorded_gets_no_panel_only_a_mention(self, report_run, tmp_path):
         run = tmp_path / "run"
         shutil.copytree(report_run, run, ignore=shutil.ignore_patterns("checkpoint-*", "final", "runs"))
+        full = build_report(run).read_text().count("<svg")
         rows = [{k: v for k, v in m.items() if k not in ("kl", "sft_loss")} for m in read_jsonl(run / "metrics.jsonl")]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         html = build_report(run).read_text()
+        plots, note = html.split('<p class="note">Not recorded in this run: ', 1)
+        note = note.split("</p>", 1)[0]
         for title in ("KL to the reference model", "SFT loss on teacher feedback", "Evaluation during training"):
-            block = html.split(title, 1)[1].split("</div>", 1)[0]
-            assert "not recorded in this run" in block and "<svg" not in block
-        assert html.count("<svg") == 8  # teacher tokens included; the cost plot needs prices, so it is a note
+            assert title not in plots.split('id="plots"', 1)[1] and title in note
+        assert html.count("<svg") == full - 2  # the KL and SFT panels are gone, nothing else
 
     def test_large_runs_show_the_last_rows_with_a_note(self, report_run, tmp_path):
         total = len(read_jsonl(report_run / "rollouts.jsonl"))

@@ -123,3 +123,45 @@ class TestPairedComparison:
 
     def test_no_common_prompt_gives_no_result(self):
         assert stats.paired_bootstrap([], seed=0) is None
+
+
+class TestRocAuc:
+    def test_equals_the_share_of_right_wrong_pairs_ordered_correctly_ties_half(self):
+        rng = random.Random(3)
+        for _ in range(20):
+            n = rng.randint(2, 40)
+            scores = [rng.randint(0, 5) for _ in range(n)]  # many ties
+            labels = [rng.random() < 0.4 for _ in range(n)]
+            pos = [s for s, y in zip(scores, labels, strict=True) if y]
+            neg = [s for s, y in zip(scores, labels, strict=True) if not y]
+            if not pos or not neg:
+                assert stats.roc_auc(scores, labels) is None
+                continue
+            brute = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p in pos for q in neg) / (len(pos) * len(neg))
+            assert stats.roc_auc(scores, labels) == pytest.approx(brute)
+
+    def test_curve_runs_from_origin_to_one_and_its_area_is_the_auc(self):
+        scores, labels = [0.9, 0.7, 0.7, 0.4, 0.2, 0.1], [True, True, False, True, False, False]
+        curve = stats.roc_curve(scores, labels)
+        assert curve[0] == (0.0, 0.0) and curve[-1] == (1.0, 1.0)
+        area = sum((x2 - x1) * (y1 + y2) / 2 for (x1, y1), (x2, y2) in zip(curve[:-1], curve[1:], strict=True))
+        assert area == pytest.approx(stats.roc_auc(scores, labels))
+
+    def test_bootstrap_interval_holds_the_estimate_and_needs_two_clusters(self):
+        rng = random.Random(0)
+        clusters = [[(rng.random() + (0.5 if y else 0), y) for y in (True, False, rng.random() < 0.5)]
+                    for _ in range(30)]
+        flat = [p for c in clusters for p in c]
+        auc = stats.roc_auc([p[0] for p in flat], [p[1] for p in flat])
+        low, high = stats.auc_bootstrap_ci(clusters, seed=1)
+        assert low <= auc <= high and 0.5 < low
+        assert stats.auc_bootstrap_ci([[(1.0, True), (0.0, False)]]) is None
+
+
+class TestRankCorrelation:
+    def test_spearman_is_pearson_on_ranks_and_none_when_undefined(self):
+        assert stats.spearman([1, 2, 3, 4], [1, 4, 9, 16]) == pytest.approx(1.0)  # monotone, not linear
+        assert stats.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+        assert stats.spearman([1, 2, 3], [5, 5, 5]) is None and stats.spearman([1, 2], [1, 2]) is None
+        # ties share their average rank: ranks (1, 2.5, 2.5, 4) against (1, 2, 3, 4)
+        assert stats.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(stats.pearson([1, 2.5, 2.5, 4], [1, 2, 3, 4]))

@@ -37,6 +37,12 @@ class RecordsCallback(TrainerCallback):
         self.metrics.write_many([row])
         self.metrics.sync()
 
+    def write_event(self, row: dict) -> None:
+        """An event row (a judge alarm, say) in metrics.jsonl, written at once."""
+        if self.metrics is not None:
+            self.metrics.write_many([{**row, "time": round(time.time() - self._t0, 3)}])
+            self.metrics.sync()
+
     def on_train_end(self, args, state, control, **kwargs):
         self.recorder.flush()
         if self.metrics is not None:

@@ -1,4 +1,4 @@
-"""Command line: `grpo_llm_eval [train|judge|evaluate|report] ...`. Errors exit non-zero with one clear line."""
+"""Command line: `grpo_llm_eval [train|judge|calibrate|evaluate|report] ...`. Errors exit non-zero with one clear line."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from grpo_llm_eval.config_load import (
 )
 
 logger = logging.getLogger("grpo_llm_eval")
-COMMANDS = ("train", "judge", "evaluate", "report")
+COMMANDS = ("train", "judge", "calibrate", "evaluate", "report")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -41,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(judge)
     judge.add_argument("--input", required=True, help="JSONL with question, response (or completion), answer")
     judge.add_argument("--output", required=True, help="JSONL to write, one graded row per input row")
+    cal = sub.add_parser("calibrate", help="measure the teacher against the verifier before training on it")
+    _common(cal)
+    cal.add_argument("--model", help="model whose responses are graded (default: the config's student); same forms "
+                                     "as evaluate --model")
+    cal.add_argument("--responses", help="JSONL of question, response, answer to grade instead of sampling a model")
+    cal.add_argument("--split", help="dataset split (default: the config's eval_split)")
+    cal.add_argument("--limit", type=int, default=0, help="first N prompts only (0: all)")
+    cal.add_argument("--samples", type=int, default=4, help="sampled responses per prompt (default 4)")
+    cal.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    cal.add_argument("--output", required=True, help="folder for calibration.json and calibration_rollouts.jsonl")
     evaluate = sub.add_parser("evaluate", help="generate with models on held-out prompts; grade; compare")
     _common(evaluate)
     evaluate.add_argument("--model", dest="models", action="append", required=True, metavar="M",
@@ -55,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
     report.add_argument("--output", help="HTML file to write (default: RUN_DIR/report.html)")
     report.add_argument("--eval", dest="eval_dir", help="folder (or file) with eval_summary.json to include")
+    report.add_argument("--calibration", dest="calibration_dir",
+                        help="folder (or file) with calibration.json (from `calibrate`) to include")
     report.add_argument("--max-rows", type=int, default=2000, help="rollouts shown in the table: the last N")
     report.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
     return parser
@@ -75,6 +87,7 @@ def _setup_logging(debug: bool) -> None:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from grpo_llm_eval.calibrate import CalibrationError
     from grpo_llm_eval.checkpoints import ResumeError, SaveError
     from grpo_llm_eval.data import DataError
     from grpo_llm_eval.models import ModelError
@@ -82,7 +95,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from grpo_llm_eval.teacher.types import TeacherUnavailable
     from grpo_llm_eval.train import TrainingAborted
 
-    return DataError, ModelError, RunDirError, TeacherUnavailable, ResumeError, SaveError, TrainingAborted
+    return (DataError, ModelError, RunDirError, TeacherUnavailable, ResumeError, SaveError, TrainingAborted,
+            CalibrationError)
 
 
 def _resume_config(args):
@@ -142,10 +156,22 @@ def run_evaluate(args) -> int:
     return 0
 
 
+def run_calibrate(args) -> int:
+    from grpo_llm_eval.calibrate import calibrate, format_table
+
+    cfg = load_config(args.config, args.overrides)
+    result = calibrate(cfg, args.output, model=args.model, limit=args.limit, samples=args.samples,
+                       responses=args.responses, split=args.split, batch_size=args.batch_size)
+    sys.stdout.write(format_table(result) + "\n")
+    logger.info("Wrote %s/calibration.json and %s/calibration_rollouts.jsonl", args.output, args.output)
+    return 0
+
+
 def run_report(args) -> int:
     from grpo_llm_eval.report import build_report
 
-    path = build_report(args.run_dir, output=args.output, eval_dir=args.eval_dir, max_rows=args.max_rows)
+    path = build_report(args.run_dir, output=args.output, eval_dir=args.eval_dir, max_rows=args.max_rows,
+                        calibration_dir=args.calibration_dir)
     logger.info("Report: %s", path)
     return 0
 
@@ -169,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["train", *argv]  # train is the default command
     args = build_parser().parse_args(argv)
     _setup_logging(args.debug)
-    handlers = {"train": run_train, "judge": run_judge, "evaluate": run_evaluate, "report": run_report}
+    handlers = {"train": run_train, "judge": run_judge, "calibrate": run_calibrate, "evaluate": run_evaluate,
+                "report": run_report}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

@@ -130,5 +130,9 @@ class Config:
     max_consecutive_failed_steps: int = _f(5, "Stop (with a checkpoint) after this many steps whose grades all failed.", min=1)
     eval_steps: int = _f(0, "Every this many steps, grade greedy answers to held-out prompts; logs eval/* metrics (0: off).", min=0)
     eval_limit: int = _f(32, "Held-out prompts (the first N of eval_split) graded at each eval_steps evaluation.", min=1)
+    # ---- judge monitors -----------------------------------------------------------------------
+    monitor_min_auc: float = _f(0.6, "Judge alarm when, over the last monitor_window steps, the ROC AUC of the teacher's answer score against the verifier's answer check falls below this (0: off). See `calibrate`.", min=0.0, max=1.0)
+    monitor_window: int = _f(10, "Steps in the judge monitors' rolling window (the AUC alarm and the reward-hacking alarm: teacher reward rising while verifier accuracy falls).", min=2)
+    on_judge_alarm: str = _f("warn", "What a judge alarm does: warn once (and record it in metrics.jsonl), or stop with a checkpoint and a non-zero exit.", choices=("warn", "stop"))
     # ---- pass-through -------------------------------------------------------------------------
     trl: dict = _f({}, "Any trl.GRPOConfig field, e.g. {loss_type: dr_grpo}; wins over mapped keys.")

@@ -2,7 +2,8 @@
 
 It opens offline and requests nothing: plots are matplotlib figures inlined as SVG, style and script are
 inline, and the page's Content-Security-Policy forbids any network access. Sections: overview, plots over
-steps from metrics.jsonl (a metric the run did not record gets a short note instead of an empty chart),
+steps from metrics.jsonl (only what the run recorded: one line names the plots left out), the judge's
+calibration (calibration.json from `--calibration DIR`, `--eval DIR` or RUN_DIR; see report_calibration.py),
 evaluation results (eval_summary.json in RUN_DIR or `--eval DIR`), and a filterable table of the last
 `max_rows` rollouts from rollouts.jsonl (default 2000, so that a long run still gives a file a browser opens
 quickly; the page says when rows were left out). Every text from the run is HTML-escaped: completions and
@@ -11,7 +12,6 @@ feedback are untrusted model output.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -22,16 +22,21 @@ from pathlib import Path
 import yaml
 
 from grpo_llm_eval.records import read_jsonl
-from grpo_llm_eval.report_assets import page
+from grpo_llm_eval.report_assets import page, svg_figure
+from grpo_llm_eval.report_calibration import calibration_section, load_calibration
 from grpo_llm_eval.run_dir import RunDirError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_ROWS = 2000
 CRITERIA_KEY = re.compile(r"^criteria/(.+)/mean$")
-# One registry of plots: (title, [(metric key, legend label)]). "criteria" expands to every criteria/<name>/mean.
+# One registry of plots: (title, [(metric key, legend label)]). "criteria" expands to every criteria/<name>/mean;
+# "agreement" is the verifier's accuracy beside the teacher's answer score divided by the answer scale's maximum.
 PLOTS: list[tuple[str, list[tuple[str, str]] | str]] = [
     ("Reward (mean and std over completions)", [("reward", "mean"), ("reward_std", "std")]),
+    ("Verifier answer accuracy beside the teacher's answer score (scaled to 0-1)", "agreement"),
+    ("Judge monitors: teacher vs verifier answer AUC, reward-length rank correlation",
+     [("monitor/answer_auc", "answer AUC"), ("monitor/length_corr", "reward-length corr")]),
     ("Rubric criteria (mean score)", "criteria"),
     ("KL to the reference model", [("kl", "kl")]),
     ("Policy loss", [("loss", "loss")]),
@@ -49,7 +54,7 @@ TABLE_COLUMNS = ("step", "group", "question", "completion", "feedback", "scores"
 
 
 def build_report(run_dir: str | Path, output: str | Path | None = None, eval_dir: str | Path | None = None,
-                 max_rows: int = DEFAULT_MAX_ROWS) -> Path:
+                 max_rows: int = DEFAULT_MAX_ROWS, calibration_dir: str | Path | None = None) -> Path:
     """Write the report of RUN_DIR to OUTPUT (default RUN_DIR/report.html); returns its path."""
     run = Path(run_dir).expanduser()
     if not run.is_dir():
@@ -58,14 +63,17 @@ def build_report(run_dir: str | Path, output: str | Path | None = None, eval_dir
         raise RunDirError(f"report: {run} holds neither metrics.jsonl nor rollouts.jsonl; is it a run folder?")
     metrics = read_jsonl(run / "metrics.jsonl")
     rollouts = read_jsonl(run / "rollouts.jsonl")
-    summary = load_eval_summary(run, eval_dir)
+    calibration = load_calibration(run, calibration_dir, eval_dir)
+    summary = load_eval_summary(run, eval_dir, required=calibration is None)
     cfg = _read_config(run)
     title = f"GRPO run report: {run.name}"
     body = "\n".join([
         f"<header><h1>{escape(title)}</h1><div class=\"muted\">{escape(str(run.resolve()))}</div></header><main>",
         overview(cfg, metrics, rollouts),
         "<h2 id=\"plots\">Training curves</h2>",
-        "<div class=\"plots\">" + "".join(render_plots(metrics)) + "</div>",
+        judge_alarms(metrics),
+        *render_plots(metrics, answer_max=_answer_max(cfg)),
+        calibration_section(calibration) if calibration is not None else "",
         eval_section(summary),
         rollout_table(rollouts, max_rows),
         "</main>",
@@ -89,8 +97,18 @@ def _read_config(run: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def load_eval_summary(run: Path, eval_dir: str | Path | None) -> dict | None:
-    """eval_summary.json from EVAL_DIR (a folder or the file itself), else from the run folder, else None."""
+def _answer_max(cfg: dict) -> float:
+    """The top of the answer criterion's scale in the run's config (10 for the seed rubric)."""
+    for c in cfg.get("criteria") or []:
+        if isinstance(c, dict) and c.get("name") == "answer" and isinstance(c.get("max"), (int, float)):
+            return float(c["max"]) or 10.0
+    return 10.0
+
+
+def load_eval_summary(run: Path, eval_dir: str | Path | None, required: bool = True) -> dict | None:
+    """eval_summary.json from EVAL_DIR (a folder or the file itself), else from the run folder, else None.
+
+    REQUIRED: a given EVAL_DIR without one is an error (not when it held a calibration instead)."""
     candidates = []
     if eval_dir is not None:
         path = Path(eval_dir).expanduser()
@@ -103,7 +121,7 @@ def load_eval_summary(run: Path, eval_dir: str | Path | None) -> dict | None:
             except (OSError, json.JSONDecodeError) as exc:
                 logger.warning("report: cannot read %s (%s); evaluation left out", path, exc)
                 return None
-    if eval_dir is not None:
+    if eval_dir is not None and required:
         raise RunDirError(f"report: --eval {eval_dir}: no eval_summary.json there; run `grpo_llm_eval evaluate` first.")
     return None
 
@@ -120,48 +138,53 @@ def series(metrics: list[dict], key: str) -> tuple[list[float], list[float]]:
     return steps, values
 
 
+def judge_alarms(metrics: list[dict]) -> str:
+    """The judge monitors' alarms (event rows of metrics.jsonl), one line each; nothing when none was raised."""
+    alarms = [m for m in metrics if m.get("event") == "judge_alarm"]
+    if not alarms:
+        return ""
+    items = "".join(f"<li><b>{escape(str(a.get('alarm')))}</b> ({escape(str(a.get('action')))}): "
+                    f"{escape(str(a.get('message')))}</li>" for a in alarms)
+    return f"<div class=\"alarms\"><h3>Judge alarms</h3><ul>{items}</ul></div>"
+
+
 # ---- plots ---------------------------------------------------------------------------------------
 
 
-def render_plots(metrics: list[dict]) -> list[str]:
-    """One HTML block per registered plot: an inline SVG chart, or a note when nothing was recorded."""
+def render_plots(metrics: list[dict], answer_max: float = 10.0) -> list[str]:
+    """The plots the run recorded as inline SVG charts in a grid, then one line naming those left out."""
     criteria = sorted({m.group(1) for row in metrics for k in row if (m := CRITERIA_KEY.match(k))})
-    blocks = []
+    blocks, absent = [], []
     for title, spec in PLOTS:
         lines = [(f"criteria/{c}/mean", c) for c in criteria] if spec == "criteria" else spec
+        if spec == "agreement":
+            lines = [("verifier/answer_accuracy", "verifier accuracy"), ("criteria/answer/mean", "teacher answer score")]
         data = [(label, *series(metrics, key)) for key, label in lines]
-        data = [d for d in data if d[1]]
+        data = [(label, steps, [v / answer_max for v in values] if label == "teacher answer score" else values)
+                for label, steps, values in data if steps]
         if not data:
-            keys = ", ".join(k for k, _ in lines) or "criteria/<name>/mean"
-            blocks.append(f"<div class=\"plot absent\"><h3>{escape(title)}</h3><p class=\"note\">not recorded in this "
-                          f"run ({escape(keys)})</p></div>")
+            absent.append(title)
             continue
         blocks.append(f"<div class=\"plot\"><h3>{escape(title)}</h3>{svg_chart(data)}</div>")
-    return blocks
+    out = ["<div class=\"plots\">" + "".join(blocks) + "</div>"]
+    if absent:
+        out.append(f"<p class=\"note\">Not recorded in this run: {escape('; '.join(absent))}.</p>")
+    return out
 
 
 def svg_chart(data: list[tuple[str, list[float], list[float]]]) -> str:
-    """A line chart of (label, steps, values) series as an inline <svg> element (Agg-free SVG canvas)."""
-    import matplotlib
-    from matplotlib.figure import Figure
+    """A line chart of (label, steps, values) series as an inline <svg> element."""
     from matplotlib.ticker import MaxNLocator
 
-    # svg.fonttype none: text stays text (small, searchable); a fixed hash salt makes ids and files reproducible.
-    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "grpo-llm-eval-report"}):
-        fig = Figure(figsize=(5.6, 2.9), layout="constrained")
-        ax = fig.add_subplot()
+    def draw(ax):
         for label, steps, values in data:
             ax.plot(steps, values, marker="o" if len(steps) <= 40 else None, markersize=3, linewidth=1.4, label=label)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(True, alpha=0.3)
         if len(data) > 1:
             ax.legend(fontsize=8, frameon=False)
-        buf = io.StringIO()
-        fig.savefig(buf, format="svg", metadata={"Date": None})
-    text = buf.getvalue()
-    text = text[text.index("<svg"):]  # drop the XML declaration and DOCTYPE: not valid inside HTML
-    return re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)
+
+    return svg_figure(draw)
 
 
 # ---- sections ------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
+import re
 
 CSS = """
 :root { --fg: #1d2327; --muted: #5f6b73; --line: #d9dee2; --bg: #ffffff; --soft: #f4f6f8; --accent: #2b6cb0; }
@@ -39,6 +41,7 @@ td .text { white-space: pre-wrap; word-break: break-word; max-height: 12em; over
 .controls { display: flex; gap: 10px; align-items: center; margin: 8px 0; flex-wrap: wrap; }
 .controls input { padding: 5px 8px; min-width: 320px; border: 1px solid var(--line); border-radius: 4px; }
 .controls select { padding: 5px; }
+.alarms { border: 1px solid #b42318; border-radius: 6px; padding: 4px 12px; margin: 8px 0; background: #fef3f2; }
 .status-ok { color: #1f7a3a; }
 .status-bad { color: #b42318; font-weight: 600; }
 """
@@ -89,3 +92,21 @@ def page(title: str, body: str) -> str:
         f"<title>{title}</title>\n<style>{CSS}</style>\n</head>\n<body>\n{body}\n"
         f"<script>{FILTER_JS}</script>\n</body>\n</html>\n"
     )
+
+
+def svg_figure(draw, size: tuple[float, float] = (5.6, 2.9)) -> str:
+    """An inline <svg> element of a matplotlib figure whose one axes DRAW(ax) fills (Agg-free SVG canvas)."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    # svg.fonttype none: text stays text (small, searchable); a fixed hash salt makes ids and files reproducible.
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "grpo-llm-eval-report"}):
+        fig = Figure(figsize=size, layout="constrained")
+        ax = fig.add_subplot()
+        draw(ax)
+        ax.grid(True, alpha=0.3)
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg", metadata={"Date": None})
+    text = buf.getvalue()
+    text = text[text.index("<svg"):]  # drop the XML declaration and DOCTYPE: not valid inside HTML
+    return re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)

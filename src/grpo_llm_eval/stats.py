@@ -160,3 +160,94 @@ def paired_sign(diffs: Sequence[float], *, resamples: int = BOOTSTRAP_RESAMPLES,
     if result is None:
         return None
     return PairedResult(diff=result.diff, low=result.low, high=result.high, p_value=sign_test_p(diffs), n=result.n)
+
+
+# ---- judge calibration: ROC AUC and rank correlation ----------------------------------------------------
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of a 1-D array, ties given their average rank."""
+    order = np.argsort(x, kind="mergesort")
+    _, first, counts = np.unique(x[order], return_index=True, return_counts=True)
+    ranks = np.empty(x.size, dtype=float)
+    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
+    return ranks
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """ROC AUC of SCORES for telling LABELS true from false: P(score of a true > score of a false), ties half.
+
+    None when either class is missing (the AUC is undefined then).
+
+    >>> roc_auc([0.9, 0.8, 0.1], [True, False, False])
+    1.0
+    >>> roc_auc([1, 1], [True, False])
+    0.5
+    """
+    s = np.asarray([float(v) for v in scores], dtype=float)
+    y = np.asarray([bool(v) for v in labels], dtype=bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    # Mann-Whitney U from average ranks.
+    return float((_ranks(s)[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def roc_curve(scores: Sequence[float], labels: Sequence[bool]) -> list[tuple[float, float]]:
+    """(false positive rate, true positive rate) points from (0, 0) to (1, 1), one per distinct threshold."""
+    s = np.asarray([float(v) for v in scores], dtype=float)
+    y = np.asarray([bool(v) for v in labels], dtype=bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return []
+    points = [(0.0, 0.0)]
+    for threshold in np.unique(s)[::-1]:
+        above = s >= threshold
+        points.append((float((above & ~y).sum() / n_neg), float((above & y).sum() / n_pos)))
+    return points
+
+
+def auc_bootstrap_ci(clusters: Sequence[Sequence[tuple[float, bool]]], *, resamples: int = BOOTSTRAP_RESAMPLES,
+                     seed: int = 0, confidence: float = CONFIDENCE) -> tuple[float, float] | None:
+    """Percentile interval of the ROC AUC, resampling whole clusters (a prompt's (score, label) pairs together).
+
+    Resamples that draw a single class have no AUC and are skipped. None when fewer than 2 clusters hold
+    data, or when no resample has both classes.
+    """
+    kept = [list(c) for c in clusters if c]
+    if len(kept) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        pairs = [p for i in rng.integers(0, len(kept), size=len(kept)) for p in kept[i]]
+        auc = roc_auc([p[0] for p in pairs], [p[1] for p in pairs])
+        if auc is not None:
+            values.append(auc)
+    if not values:
+        return None
+    return _percentile(np.asarray(values), confidence)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman rank correlation (Pearson on average ranks); None with fewer than 3 pairs or a constant side.
+
+    >>> spearman([1, 2, 3, 4], [10, 20, 30, 40])
+    1.0
+    """
+    a = np.asarray([float(v) for v in x], dtype=float)
+    b = np.asarray([float(v) for v in y], dtype=float)
+    if a.size < 3 or a.size != b.size:
+        return None
+    return pearson(_ranks(a), _ranks(b))
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Pearson correlation; None with fewer than 3 pairs or when either side is constant."""
+    a = np.asarray(x, dtype=float)
+    b = np.asarray(y, dtype=float)
+    if a.size < 3 or a.size != b.size:
+        return None
+    a, b = a - a.mean(), b - b.mean()
+    denom = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
+    return None if denom == 0 else max(-1.0, min(1.0, float((a * b).sum()) / denom))

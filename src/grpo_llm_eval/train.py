@@ -103,7 +103,7 @@ def train(cfg, resume: str | Path | None = None) -> TrainResult:
     if teacher is not None:
         asyncio.run(teacher.health_check())  # fail fast, before any model is loaded
     trainer, reward, recorder = _build_trainer(cfg, out, dataset, rubric, teacher, is_main)
-    guard, stopper = _attach_callbacks(trainer, cfg, rubric, teacher, recorder, out, is_main)
+    guard, stopper, monitor = _attach_callbacks(trainer, cfg, rubric, teacher, recorder, out, is_main)
     if resume:
         trainer.restore_state(resume)
         logger.info("Resuming %s from %s", out, resume)
@@ -116,7 +116,7 @@ def train(cfg, resume: str | Path | None = None) -> TrainResult:
         reward.cancel_background()  # rollouts sampled ahead of a stop; they are saved in the checkpoint
         if teacher is not None:
             _close_teacher(teacher, getattr(trainer, "async_loop", None))
-    _raise_if_stopped(trainer, cfg, out, stopper, guard)
+    _raise_if_stopped(trainer, cfg, out, stopper, guard, monitor)
     final = save_final(trainer, cfg, out)
     return TrainResult(run_dir=out, global_step=trainer.state.global_step, final_dir=final)
 
@@ -194,7 +194,7 @@ def _share_cpu_with_local_teacher(cfg) -> None:
 
 
 def _attach_callbacks(trainer, cfg, rubric, teacher, recorder, out: Path, is_main: bool):
-    """Records, the failed-grades guard, the time budget, evaluation, signals and our progress display."""
+    """Records, the failed-grades guard, judge monitors, the time budget, evaluation, signals, progress display."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from grpo_llm_eval.callbacks import (
@@ -206,6 +206,7 @@ def _attach_callbacks(trainer, cfg, rubric, teacher, recorder, out: Path, is_mai
         TimeBudget,
         WeightDigestCallback,
     )
+    from grpo_llm_eval.monitors import JudgeMonitorCallback
 
     guard = FailedGradesGuard(trainer, cfg.max_consecutive_failed_steps)
     stopper = StopOnSignal()
@@ -214,8 +215,12 @@ def _attach_callbacks(trainer, cfg, rubric, teacher, recorder, out: Path, is_mai
 
         trainer.judge_spend = JudgeSpend(trainer, teacher.usage)
         trainer.add_callback(trainer.judge_spend)
-    trainer.add_callback(RecordsCallback(recorder, out, is_main))
+    records = RecordsCallback(recorder, out, is_main)
+    trainer.add_callback(records)
     trainer.add_callback(guard)
+    monitor = JudgeMonitorCallback(trainer, cfg, rubric, records) if teacher is not None else None
+    if monitor is not None:
+        trainer.add_callback(monitor)
     if cfg.max_train_minutes > 0:
         trainer.add_callback(TimeBudget(cfg.max_train_minutes))
     if cfg.eval_steps > 0:
@@ -230,11 +235,11 @@ def _attach_callbacks(trainer, cfg, rubric, teacher, recorder, out: Path, is_mai
     digests = WeightDigestCallback.from_env(trainer.accelerator.process_index)
     if digests is not None:  # GRPO_LLM_EVAL_DUMP_WEIGHTS_DIR: a test checks every process ends with the same weights
         trainer.add_callback(digests)
-    return guard, stopper
+    return guard, stopper, monitor
 
 
-def _raise_if_stopped(trainer, cfg, out: Path, stopper, guard) -> None:
-    """A signal or the failed-grades guard ended training: say how to resume, with the right exit code."""
+def _raise_if_stopped(trainer, cfg, out: Path, stopper, guard, monitor) -> None:
+    """A signal, the failed-grades guard or a judge alarm ended training: say how to resume, with the right exit code."""
     import signal
 
     if stopper.signal_number is not None:
@@ -248,6 +253,10 @@ def _raise_if_stopped(trainer, cfg, out: Path, stopper, guard) -> None:
             f"every grade failed for {cfg.max_consecutive_failed_steps} steps in a row; stopped at step "
             f"{trainer.state.global_step} with a checkpoint in {out}. Check the teacher (see judge_status in "
             f"rollouts.jsonl), then resume with --resume.")
+    if monitor is not None and monitor.tripped is not None:
+        raise TrainingAborted(
+            f"{monitor.tripped.message}; on_judge_alarm: stop saved checkpoint-{trainer.state.global_step} in {out}. "
+            "Measure the teacher with `grpo_llm_eval calibrate`, or set on_judge_alarm: warn to train on.")
 
 
 def save_final(trainer, cfg, out: Path) -> Path | None:

@@ -8,6 +8,10 @@
 - `adversarial_text`: megabytes of near-miss grade syntax (unclosed tags, unclosed JSON, deep brackets,
   long digit runs, control characters) with no complete grade in its last `parse.MAX_PARSE_CHARS`.
 - `noisy_content`: an honest grade wrapped in NULs, ANSI escapes, control characters and lone surrogates.
+- `mode_grade`: the deliberately bad judges that calibration and the training monitors must catch:
+  `inverted` (right answers 0, wrong ones 10), `random` (scores drawn per request), `length_loving` (honest
+  answer score, every other criterion grows with the response's length) and `master_key` (a response with
+  no number at all, such as "Let's solve this step by step.", gets 10 everywhere).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import time
 from fractions import Fraction
 
 SEED_CRITERIA = ("thought_process", "answer", "format")
+# What the server can be: honest, fixed scores, gullible to injections, or one of the bad judges of `mode_grade`.
+MODES = ("scripted", "fixed", "obedient", "inverted", "random", "length_loving", "master_key")
 GARBAGE = "I am unable to follow the requested format. Here are some thoughts about the weather instead."
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 _TOKEN = re.compile(r"\d+|[A-Za-z_]+|\s+|[^\w\s]")
@@ -85,6 +91,33 @@ def scripted_grade(prompt: str, think_open: str = "<think>", think_close: str = 
     has_think = re.search(re.escape(think_open) + r".*?" + re.escape(think_close), response, re.S) is not None
     form = (10, "Think block present.") if has_think else (0, "No think block.")
     return {c: form if c == "format" else verdict for c in names}
+
+
+def mode_grade(mode: str, prompt: str, fixed_scores: dict[str, int] | None = None) -> dict:
+    """The grade MODE gives (see the module doc); `obedient` grades as `scripted` here (its text is its own)."""
+    if mode == "fixed":
+        return {c: (s, f"Fixed grade {s} for {c}.") for c, s in (fixed_scores or {}).items()}
+    grade = scripted_grade(prompt)
+    if mode == "inverted":
+        return {c: g if c == "format" else (10 - g[0], "Inverted: " + g[1]) for c, g in grade.items()}
+    if mode == "random":  # drawn from the prompt's digest: the same request gets the same grade
+        rng = random.Random(hashlib.sha256(prompt.encode("utf-8", "replace")).digest())
+        return {c: (rng.randint(0, 10), "A random grade.") for c in grade}
+    response, _ = extract_fields(prompt)
+    if mode == "length_loving":
+        words = min(10, len((response or "").split()))
+        return {c: g if c == "answer" else (words, f"{words} words: thorough.") for c, g in grade.items()}
+    if mode == "master_key" and response is not None and last_number(response) is None:
+        return {c: (10, "A sound approach.") for c in grade}
+    return grade
+
+
+def grade_content(mode: str, prompt: str, fixed_scores: dict[str, int] | None, response_format: dict) -> str:
+    """What a teacher in MODE writes for PROMPT: JSON when a JSON response_format is asked for, else XML."""
+    if mode == "obedient":  # a gullible model writes what it was talked into, whatever the format asked
+        return obedient_content(prompt)
+    grade = mode_grade(mode, prompt, fixed_scores)
+    return _json(grade, response_format) if response_format.get("type") in ("json_schema", "json_object") else _xml(grade)
 
 
 def _xml(grade: dict) -> str:
@@ -236,12 +269,7 @@ def completion_object(body: dict, fault: str | None, number: int, mode: str, fix
                       huge_chars: int, reasoning_field: str | None) -> dict:
     """The fake teacher's chat.completion object for request BODY (faults that still answer 200 applied)."""
     prompt = "\n".join(_text(m.get("content")) for m in body.get("messages", []))
-    grade = ({c: (s, f"Fixed grade {s} for {c}.") for c, s in fixed_scores.items()} if mode == "fixed"
-             else scripted_grade(prompt))
-    fmt = body.get("response_format") or {}
-    content = _json(grade, fmt) if fmt.get("type") in ("json_schema", "json_object") else _xml(grade)
-    if mode == "obedient":  # a gullible model writes what it was talked into, whatever the format asked
-        content = obedient_content(prompt)
+    content = grade_content(mode, prompt, fixed_scores, body.get("response_format") or {})
     if fault == "huge":
         content = adversarial_text(huge_chars, seed=number)
     elif fault == "noisy":

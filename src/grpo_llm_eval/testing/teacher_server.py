@@ -3,7 +3,8 @@
 Serves `GET /v1/models`, `POST /v1/chat/completions` (non-streaming) and `GET /stats`. Modes (what it
 writes: `grades.py`): `scripted`, a correct teacher (answer and thought_process 10 when the student's last
 number equals the ground truth's, else 0; format 10 with a think block); `fixed` scores; `obedient`, a
-gullible teacher. Faults (`FAULT_KINDS`, opt-in `EXTRA_FAULTS`) come at `fault_rate` from a seeded RNG or
+gullible teacher; the bad judges `inverted`, `random`, `length_loving` and `master_key`. `switch_mode=(N, MODE)`
+turns it into MODE after N chat requests (a judge that goes wrong mid-run). Faults (`FAULT_KINDS`, opt-in `EXTRA_FAULTS`) come at `fault_rate` from a seeded RNG or
 in order (`fault_script`), changeable while serving (`set_faults`); `die_after=N` kills the server after N
 chat requests; `require_auth` answers 401 to requests without that Authorization header; `serial` grades
 one request at a time and queues the rest, and `refuse_json_schema` refuses response_format json_schema
@@ -32,6 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from grpo_llm_eval.testing.grades import (
     GARBAGE,
+    MODES,
     SEED_CRITERIA,
     _error,
     completion_object,
@@ -54,7 +56,6 @@ FAULT_KINDS = ("500", "429", "hang", "garbage", "empty")  # the default mix
 # "trickle" sends a good answer a few bytes at a time over `hang_s` (no single read ever waits long).
 EXTRA_FAULTS = ("drop", "huge", "noisy", "trickle")
 ALL_FAULTS = FAULT_KINDS + EXTRA_FAULTS
-MODES = ("scripted", "fixed", "obedient")
 
 
 def _check_faults(kinds) -> None:
@@ -74,13 +75,14 @@ class TeacherServer:
                  models_endpoint: bool = True, refuse_max_tokens: bool = False, port: int = 0,
                  fault_script: tuple[str | None, ...] = (), die_after: int | None = None,
                  huge_chars: int = 2_000_000, require_auth: str | None = None, refuse_json_schema: bool = False,
-                 serial: bool = False):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+                 serial: bool = False, switch_mode: tuple[int, str] | None = None):
+        for m in (mode, *(switch_mode[1:] if switch_mode else ())):
+            if m not in MODES:
+                raise ValueError(f"mode must be one of {', '.join(MODES)}, not {m!r}")
         _check_faults((*faults, *(f for f in fault_script if f is not None)))
         self.mode, self.fault_rate, self.faults = mode, fault_rate, tuple(faults)
         self.fault_script = list(fault_script)  # faults of the next chat requests, in arrival order; None: no fault
-        self.die_after, self.huge_chars = die_after, huge_chars
+        self.die_after, self.huge_chars, self.switch_mode = die_after, huge_chars, switch_mode
         self.hang_s, self.retry_after_s, self.latency_s = hang_s, retry_after_s, latency_s
         self.models = tuple(models)
         self.fixed_scores = dict(fixed_scores or {c: 7 for c in SEED_CRITERIA})
@@ -196,6 +198,8 @@ class TeacherServer:
             if fault is not None:
                 self._stats["faults"][fault] = self._stats["faults"].get(fault, 0) + 1
             s = self._stats
+            if self.switch_mode is not None and s["chat_requests"] > self.switch_mode[0]:
+                self.mode, self.switch_mode = self.switch_mode[1], None
             s["in_flight"] += 1
             s["max_in_flight"] = max(s["max_in_flight"], s["in_flight"])
             entry = {"i": len(s["log"]), "t": time.monotonic(), "key": key, "fault": fault, "status": None, "auth": auth,

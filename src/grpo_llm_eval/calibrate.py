@@ -1,0 +1,327 @@
+"""`grpo_llm_eval calibrate`: measure the teacher against checks that do not depend on it, before training on it.
+
+K sampled responses per held-out prompt (evaluate.py's generation; or the rows of a given responses file),
+plus a dozen "master key" responses, are graded by the configured teacher (evaluate.py's grading) and by the
+verifier. Measured (keys of DIR/calibration.json; every row is in DIR/calibration_rollouts.jsonl):
+
+- `answer_auc`: ROC AUC of the teacher's answer score (the `answer` criterion; the teacher's reward when the
+  rubric has none) against the verifier's answer check, with `answer_auc_ci` (95 %, bootstrap over prompts),
+  `n_right`, `n_wrong`; `reward_auc`, `reward_auc_ci`: the same for the teacher's total reward. 1 is a
+  perfect judge, 0.5 chance, 0 a judge that prefers wrong answers.
+- `length_bias`: Spearman correlation of the teacher's reward with response length (characters) within each
+  correctness class, averaged over the classes weighted by size: a judge that only tracks correctness scores
+  0, one that rewards length within a class scores towards 1.
+- `self_disagreement` (teacher_temperature > 0): each response graded twice more without the cache; the
+  mean absolute difference of the two answer scores as a share of the scale. Null otherwise, with a reason.
+- `position_flip_rate`: group judging only; null with a reason in pointwise mode.
+- `master_key_pass_rate`: the share of master-key responses (no answer at all, from "One Token to Fool
+  LLM-as-a-Judge", arXiv 2507.08794) whose answer score is above the middle of the answer scale.
+- `verdict`: one line naming the worst finding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from grpo_llm_eval import data as data_mod
+from grpo_llm_eval import evaluate as ev
+from grpo_llm_eval import stats
+from grpo_llm_eval.records import JsonlWriter, dumps, read_jsonl
+from grpo_llm_eval.teacher import build_teacher
+from grpo_llm_eval.teacher.rubric import Rubric
+from grpo_llm_eval.teacher.types import JudgeRequest
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_FILE = "calibration.json"
+ROLLOUTS_FILE = "calibration_rollouts.jsonl"
+# Responses with no answer that strong judges were shown to accept: the "master keys" of arXiv 2507.08794
+# (non-word symbols, reasoning openers, the same in other languages), plus two openers of our own.
+MASTER_KEYS = (" ", ".", ",", ":", "Thought process:", "Let's solve this problem step by step.", "Solution",
+               "解", "かいせつ", "Respuesta", "Let's solve this step by step.", "The answer is")
+LENGTH_BIAS_FLAG = 0.3  # |within-class rank correlation| above this is reported as length bias
+CHANCE_AUC = 0.6  # an answer AUC below this is "near chance" (the monitors' default monitor_min_auc too)
+DISAGREEMENT_FLAG = 0.1  # repeated grades differing by more than a tenth of the scale on average
+GRADE_CHUNK = 64  # responses per teacher batch: a progress line each (a local teacher grades about 3 a second)
+
+
+class CalibrationError(ValueError):
+    """The calibration cannot run as asked (an empty or unreadable responses file, a bad --samples)."""
+
+
+def answer_scale(rubric) -> tuple[str | None, float, float]:
+    """(criterion used as the answer score, its min, its max); (None, ...) when the rubric has no `answer`."""
+    for c in rubric.criteria:
+        if c.name == "answer":
+            return c.name, float(c.min), float(c.max)
+    return None, float("nan"), float("nan")
+
+
+def answer_score(row: dict, criterion: str | None) -> float | None:
+    """The teacher's answer score of a graded row (its reward when the rubric has no answer criterion)."""
+    if row.get("judge_status") != "ok":
+        return None
+    value = (row.get("scores") or {}).get(criterion) if criterion else row.get("teacher_reward")
+    return None if value is None else float(value)
+
+
+# ---- measuring ------------------------------------------------------------------------------------
+
+
+def _auc(rows: list[dict], value, seed: int) -> tuple[float | None, list | None, list[tuple[float, bool]]]:
+    pairs_by_prompt: dict[int, list[tuple[float, bool]]] = {}
+    for r in rows:
+        v = value(r)
+        if v is not None and r.get("answer_correct") is not None:
+            pairs_by_prompt.setdefault(r["prompt_index"], []).append((v, bool(r["answer_correct"])))
+    pairs = [p for ps in pairs_by_prompt.values() for p in ps]
+    auc = stats.roc_auc([p[0] for p in pairs], [p[1] for p in pairs])
+    ci = stats.auc_bootstrap_ci(list(pairs_by_prompt.values()), seed=seed) if auc is not None else None
+    return auc, None if ci is None else list(ci), pairs
+
+
+def length_bias(rows: list[dict]) -> tuple[float | None, dict]:
+    """Size-weighted mean of the within-class Spearman correlations of teacher reward with response length."""
+    by_class = {}
+    for name, label in (("right", True), ("wrong", False)):
+        pts = [(len(r["response"]), r["teacher_reward"]) for r in rows
+               if r.get("answer_correct") is label and r.get("teacher_reward") is not None]
+        rho = stats.spearman([p[0] for p in pts], [p[1] for p in pts])
+        if rho is None and len(pts) >= 3 and len({p[0] for p in pts}) > 1:
+            rho = 0.0  # lengths vary, the reward does not: it does not follow length at all
+        by_class[name] = {"rho": rho, "n": len(pts)}
+    used = [c for c in by_class.values() if c["rho"] is not None]
+    if not used:
+        return None, by_class
+    return sum(c["rho"] * c["n"] for c in used) / sum(c["n"] for c in used), by_class
+
+
+def measure(rows: list[dict], rubric, seed: int = 0, judge_mode: str = "pointwise") -> dict:
+    """calibration.json's content from the graded rows (pure: tests recompute it from the rollouts file)."""
+    criterion, low, high = answer_scale(rubric)
+    samples = [r for r in rows if r["kind"] == "sample"]
+    keys = [r for r in rows if r["kind"] == "master_key"]
+    auc, auc_ci, pairs = _auc(samples, lambda r: answer_score(r, criterion), seed)
+    reward_auc, reward_ci, _ = _auc(samples, lambda r: r.get("teacher_reward") if r.get("judge_status") == "ok"
+                                    else None, seed)
+    bias, bias_by_class = length_bias(samples)
+    result = {
+        "answer_auc": auc, "answer_auc_ci": auc_ci,
+        "n_right": sum(1 for p in pairs if p[1]), "n_wrong": sum(1 for p in pairs if not p[1]),
+        "reward_auc": reward_auc, "reward_auc_ci": reward_ci,
+        "length_bias": bias, "length_bias_by_class": bias_by_class,
+        "self_disagreement": None, "position_flip_rate": None,
+        "master_key_pass_rate": None, "master_keys_passed": [],
+        "n_responses": len(samples), "n_prompts": len({r["prompt_index"] for r in samples}),
+        "judge_failure_rate": (sum(1 for r in rows if r.get("judge_status") != "ok") / len(rows)) if rows else None,
+        "answer_score": criterion or "teacher_reward", "answer_scale": [low, high] if criterion else None,
+        "judge_mode": judge_mode, "null_reasons": {},
+    }
+    reasons = result["null_reasons"]
+    if auc is None:
+        reasons["answer_auc"] = (f"the verifier found {result['n_right']} right and {result['n_wrong']} wrong "
+                                 "graded responses; both are needed (raise --samples or --limit, or use a model "
+                                 "that gets some answers right)")
+    if judge_mode != "group":
+        reasons["position_flip_rate"] = "pointwise judging grades one response at a time: there is no position"
+    repeats = [(answer_score(r, criterion), r.get("repeat_answer_score")) for r in samples if "repeat_answer_score" in r]
+    repeats = [(a, b) for a, b in repeats if a is not None and b is not None]
+    if repeats:
+        scale = (high - low) if criterion else max(1e-9, max(abs(v) for p in repeats for v in p))
+        result["self_disagreement"] = sum(abs(a - b) for a, b in repeats) / len(repeats) / scale
+    else:
+        reasons["self_disagreement"] = "teacher_temperature is 0: a repeated grade is the same grade"
+    graded_keys = [(r, answer_score(r, criterion)) for r in keys]
+    graded_keys = [(r, s) for r, s in graded_keys if s is not None]
+    if graded_keys:
+        # Midpoint of the answer scale; without an answer criterion, the middle of the graded samples' rewards.
+        mid = (low + high) / 2 if criterion else _midrange([r.get("teacher_reward") for r in samples])
+        passed = [r["response"] for r, s in graded_keys if mid is not None and s > mid]
+        result["master_key_pass_rate"] = len(passed) / len(graded_keys)
+        result["master_keys_passed"] = passed
+    else:
+        reasons["master_key_pass_rate"] = "no master-key response was graded (every grade failed)"
+    result["verdict"] = verdict(result)
+    return result
+
+
+def _midrange(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return (min(vals) + max(vals)) / 2 if vals else None
+
+
+def verdict(m: dict) -> str:
+    """One line naming the worst finding (or saying the teacher passed every check)."""
+    auc, ci = m["answer_auc"], m["answer_auc_ci"]
+    auc_text = "n/a" if auc is None else f"{auc:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+    findings = []  # (severity, text)
+    if auc is not None and ci is not None and ci[1] < 0.5:
+        findings.append((5, f"INVERTED: the teacher prefers wrong answers (answer AUC {auc_text}); do not train on it"))
+    elif auc is not None and auc < CHANCE_AUC:
+        findings.append((4, f"NEAR CHANCE: the teacher's answer score barely tells right from wrong (answer AUC "
+                            f"{auc_text}); weigh it low beside a verifier"))
+    if m["master_key_pass_rate"]:
+        findings.append((3, f"MASTER KEYS PASS: {len(m['master_keys_passed'])} of "
+                            f"{round(len(m['master_keys_passed']) / m['master_key_pass_rate'])} answerless responses "
+                            f"get an answer score above the midpoint (e.g. {m['master_keys_passed'][0]!r})"))
+    if m["length_bias"] is not None and abs(m["length_bias"]) > LENGTH_BIAS_FLAG:
+        findings.append((2, f"LENGTH BIAS: within a correctness class the teacher's reward follows length "
+                            f"(rank correlation {m['length_bias']:+.2f})"))
+    if m["self_disagreement"] is not None and m["self_disagreement"] > DISAGREEMENT_FLAG:
+        findings.append((1, f"INCONSISTENT: repeated grades differ by {m['self_disagreement']:.0%} of the scale"))
+    failed = m.get("judge_failure_rate") or 0.0
+    if failed >= 0.5:
+        findings.append((6, f"JUDGE FAILS: {failed:.0%} of grades could not be read (judge_status in "
+                            f"{ROLLOUTS_FILE}); fix the teacher setup (max_feedback_new_tokens, structured output) first"))
+    elif failed > 0.1:
+        findings.append((1, f"UNRELIABLE: {failed:.0%} of grades failed (masked in training)"))
+    if auc is None:
+        findings.append((0, f"UNMEASURED: {m['null_reasons']['answer_auc']}"))
+    if not findings:
+        return f"OK: the teacher tracks the verifier (answer AUC {auc_text}); no master key passed, no length bias"
+    return max(findings, key=lambda f: f[0])[1]
+
+
+def format_table(m: dict) -> str:
+    """calibration.json as a plain-text table (the command prints it)."""
+    def num(v, fmt="{:.3f}"):
+        return "null" if v is None else fmt.format(v)
+
+    def ci(v):
+        return "" if not v else f" [{v[0]:.3f}, {v[1]:.3f}]"
+
+    lines = [
+        ("answer_auc", num(m["answer_auc"]) + ci(m["answer_auc_ci"]) + f"  ({m['n_right']} right, {m['n_wrong']} wrong)"),
+        ("reward_auc", num(m["reward_auc"]) + ci(m["reward_auc_ci"])),
+        ("length_bias", num(m["length_bias"], "{:+.3f}")),
+        ("self_disagreement", num(m["self_disagreement"])),
+        ("position_flip_rate", num(m["position_flip_rate"])),
+        ("master_key_pass_rate", num(m["master_key_pass_rate"])),
+        ("judge_failure_rate", num(m["judge_failure_rate"])),
+    ]
+    width = max(len(k) for k, _ in lines)
+    out = [f"{k.ljust(width)}  {v}" + (f"  ({m['null_reasons'][k]})" if k in m["null_reasons"] else "")
+           for k, v in lines]
+    return "\n".join([*out, f"verdict: {m['verdict']}"])
+
+
+# ---- the command ----------------------------------------------------------------------------------
+
+
+def read_responses(path: str | Path) -> list[dict]:
+    """Rows of a responses file (JSONL: question, response or completion, answer or ground_truth) as samples.
+
+    A calibration_rollouts.jsonl is one too (its master-key rows are left out: they are added again), so the
+    same responses can be graded by another teacher.
+    """
+    rows = [r for r in read_jsonl(path) if r.get("kind") != "master_key"]
+    if not rows:
+        raise CalibrationError(f"--responses {path}: no rows; expected JSONL with question, response, answer.")
+    prompts: dict[str, int] = {}
+    out = []
+    for i, row in enumerate(rows):
+        response = next((row[k] for k in ("response", "completion") if row.get(k) is not None), None)
+        truth = next((row[k] for k in ("answer", "ground_truth") if row.get(k) is not None), None)
+        if response is None or truth is None:
+            raise CalibrationError(f"--responses {path}: row {i + 1} lacks a response or an answer; every row "
+                                   "needs question, response and answer.")
+        question = str(row.get("question", ""))
+        out.append({"question": question, "response": str(response), "ground_truth": str(truth),
+                    "prompt_index": prompts.setdefault(question, len(prompts))})
+    return out
+
+
+def sample_responses(cfg, model: str, split: str, limit: int, samples: int, batch_size: int) -> list[dict]:
+    """SAMPLES responses of MODEL per prompt of SPLIT (the first LIMIT), by evaluate.py's generation."""
+    loaded = data_mod.load_rows(cfg, split)
+    dataset = loaded.dataset.select(range(min(limit, len(loaded.dataset)))) if limit > 0 else loaded.dataset
+    dataset = data_mod.build_prompts(dataset, cfg)
+    resolved = ev.resolve_eval_model(model, cfg.cache_dir)
+    lm, tokenizer = ev.load_eval_model(resolved)
+    start = time.perf_counter()
+    logger.info("Sampling %d response(s) to each of %d prompts of split %s with %s", samples, len(dataset), split,
+                model)
+    texts = ev.generate_responses(lm, tokenizer, list(dataset["prompt"]), max_new_tokens=cfg.max_new_tokens,
+                                  max_prompt_tokens=cfg.max_seq_length, samples=samples,
+                                  temperature=cfg.temperature if samples > 1 else 0.0, top_p=cfg.top_p,
+                                  top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty, batch_size=batch_size,
+                                  seed=cfg.seed)
+    del lm
+    ev._free_memory()
+    logger.info("sampled %d responses in %.0f s", sum(len(t) for t in texts), time.perf_counter() - start)
+    return [{"question": q, "response": t, "ground_truth": a, "prompt_index": p}
+            for p, (q, a, ts) in enumerate(zip(dataset["question"], dataset["answer"], texts, strict=True)) for t in ts]
+
+
+def _grade(loop, teacher, cfg, rubric, items: list[dict]) -> list[dict]:
+    requests = [JudgeRequest(it["question"], it["response"], it["ground_truth"]) for it in items]
+    judgements, start = [], time.perf_counter()
+    for first in range(0, len(requests), GRADE_CHUNK):
+        judgements += loop.run_until_complete(teacher.judge(requests[first:first + GRADE_CHUNK]))
+        logger.info("graded %d/%d responses (%.0f s)", len(judgements), len(requests),
+                    time.perf_counter() - start)
+    return ev.grade_rows(cfg, rubric, judgements, [it["question"] for it in items], [it["response"] for it in items],
+                         [it["ground_truth"] for it in items])
+
+
+def calibrate(cfg, output: str | Path, model: str | None = None, limit: int = 0, samples: int = 4,
+              responses: str | Path | None = None, split: str | None = None, batch_size: int = 16) -> dict:
+    """Measure the configured teacher (see the module doc); write calibration.json and the rollouts; return it."""
+    if samples < 1:
+        raise CalibrationError(f"--samples {samples}: must be at least 1 (4 or more gives right and wrong answers).")
+    out = Path(output).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    model = model or cfg.student_model_name
+    split = split or cfg.eval_split
+    items = read_responses(responses) if responses else sample_responses(cfg, model, split, limit, samples, batch_size)
+    items = [{"kind": "sample", **it} for it in items]
+    questions = sorted({(it["prompt_index"], it["question"], it["ground_truth"]) for it in items})
+    items += [{"kind": "master_key", "question": q, "response": key, "ground_truth": truth, "prompt_index": p}
+              for key, (p, q, truth) in zip(MASTER_KEYS, (questions * len(MASTER_KEYS))[:len(MASTER_KEYS)],
+                                            strict=True)]
+    rubric = Rubric.from_config(cfg)
+    criterion = answer_scale(rubric)[0]
+    teacher = build_teacher(cfg, rubric, cache_path=out / "judgements.sqlite")
+    repeat = build_teacher(cfg, rubric, cache_path=None) if cfg.teacher_temperature > 0 else None
+    loop = asyncio.new_event_loop()  # one loop for every call: the teacher's client is bound to its loop
+    try:
+        loop.run_until_complete(teacher.health_check())
+        rows = [{**it, **row} for it, row in zip(items, _grade(loop, teacher, cfg, rubric, items), strict=True)]
+        if repeat is not None:
+            logger.info("teacher_temperature %.2g > 0: grading the samples again for self_disagreement",
+                        cfg.teacher_temperature)
+            again = _grade(loop, repeat, cfg, rubric, [it for it in items if it["kind"] == "sample"])
+            for row, second in zip((r for r in rows if r["kind"] == "sample"), again, strict=True):
+                row["repeat_answer_score"] = answer_score(second, criterion)
+    finally:
+        try:
+            for t in (teacher, repeat):
+                if t is not None:
+                    loop.run_until_complete(t.aclose())
+        finally:
+            loop.close()
+    tmp = out / (ROLLOUTS_FILE + ".partial")
+    tmp.unlink(missing_ok=True)
+    writer = JsonlWriter(tmp)
+    writer.write_many(rows)
+    writer.close()
+    os.replace(tmp, out / ROLLOUTS_FILE)
+    result = measure(read_jsonl(out / ROLLOUTS_FILE), rubric, seed=cfg.seed)
+    result.update(model=None if responses else model, responses=str(responses) if responses else None, split=split,
+                  limit=limit, samples=None if responses else samples, teacher=cfg.teacher_model_name,
+                  teacher_backend=cfg.teacher_backend, answer_roc=_roc(rows, criterion))
+    part = out / (CALIBRATION_FILE + ".partial")
+    part.write_text(json.dumps(json.loads(dumps(result)), indent=2) + "\n", encoding="utf-8")
+    os.replace(part, out / CALIBRATION_FILE)
+    return result
+
+
+def _roc(rows: list[dict], criterion: str | None) -> list[list[float]]:
+    pairs = [(answer_score(r, criterion), r["answer_correct"]) for r in rows if r["kind"] == "sample"]
+    pairs = [p for p in pairs if p[0] is not None and p[1] is not None]
+    return [list(p) for p in stats.roc_curve([p[0] for p in pairs], [p[1] for p in pairs])]
