@@ -97,7 +97,7 @@ class TestAgainstScriptedTeachers:
         assert m["self_disagreement"] is None and "teacher_temperature" in m["null_reasons"]["self_disagreement"]
 
     def test_calibration_json_holds_the_keys_and_matches_its_rollouts(self, calibrated):
-        cfg = load_config(None, ["teacher_backend=openai", f"evaluation_prompt={SEED_EVALUATION_PROMPT}"])
+        cfg = load_config(None, ["teacher_backend=openai", "max_feedback_new_tokens=512", f"evaluation_prompt={SEED_EVALUATION_PROMPT}"])
         for mode, (_, folder) in calibrated.items():
             saved = json.loads((folder / "calibration.json").read_text())
             assert TOP_KEYS <= set(saved)
