@@ -192,7 +192,7 @@ def main() -> int:
         lines.append(f"| {name} | {runs[name][0]} | {fmt(acc)} | {vs} |")
         table[name] = {"accuracy": acc, "vs_base": diff, "steps": runs[name][0], "minutes": budgets.get(name)}
     if "both" in names:  # the default against each plain-TRL arm, paired over the same problems
-        from grpo_llm_eval.evaluate import summarize
+        from grpo_llm_eval.evaluation.evaluate import summarize
 
         rows = [json.loads(line) for line in (out / "eval" / "eval_rollouts.jsonl").read_text().splitlines() if line]
         for plain in (n for n in PLAIN if n in names):

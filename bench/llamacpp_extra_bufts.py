@@ -43,8 +43,8 @@ def main() -> int:
     p.add_argument("--verbose", action="store_true", help="llama.cpp's load log (buffer types and sizes)")
     args = p.parse_args()
 
-    from grpo_llm_eval.bundled_data import read_bundled
-    from grpo_llm_eval.config_load import load_config
+    from grpo_llm_eval.config.load import load_config
+    from grpo_llm_eval.data.bundled import read_bundled
     from grpo_llm_eval.teacher.llamacpp import ENV_EXTRA_BUFTS
     from grpo_llm_eval.teacher.local_backend import LocalTeacher
     from grpo_llm_eval.teacher.rubric import Rubric

@@ -52,9 +52,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     args = p.parse_args()
 
-    from grpo_llm_eval.bundled_data import read_bundled
     from grpo_llm_eval.config import SEED_EVALUATION_PROMPT
-    from grpo_llm_eval.config_load import load_config
+    from grpo_llm_eval.config.load import load_config
+    from grpo_llm_eval.data.bundled import read_bundled
     from grpo_llm_eval.verifiers import answer_correct
 
     base = load_config(None, ["teacher_cache=false"])

@@ -49,10 +49,10 @@ def main() -> int:
     from trl import GRPOTrainer
 
     from grpo_llm_eval import data
-    from grpo_llm_eval.callbacks import TimeBudget
-    from grpo_llm_eval.config_load import load_config
+    from grpo_llm_eval.config.load import load_config
     from grpo_llm_eval.models import load_student
-    from grpo_llm_eval.train import grpo_args
+    from grpo_llm_eval.training.callbacks import TimeBudget
+    from grpo_llm_eval.training.train import grpo_args
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -95,7 +95,7 @@ def build_gpu_model(folder: Path) -> str:
 
 
 def base_config(args, model: str, out: Path):
-    from grpo_llm_eval.config_load import load_config
+    from grpo_llm_eval.config.load import load_config
 
     sets = {"student_model_name": model, "output_dir": str(out), "save_steps": 10_000, "total_steps": args.steps,
             "prompts_per_step": args.prompts, "num_return_sequences": args.group, "max_new_tokens": args.tokens,
@@ -111,7 +111,7 @@ def run_trl(cfg, out: Path, reward) -> list[float]:
     from trl import GRPOTrainer
 
     from grpo_llm_eval import data
-    from grpo_llm_eval.train import grpo_args
+    from grpo_llm_eval.training.train import grpo_args
 
     dataset = data.build_prompts(data.load_rows(cfg, cfg.dataset_split).dataset, cfg)
     tok = AutoTokenizer.from_pretrained(cfg.student_model_name)
@@ -123,8 +123,8 @@ def run_trl(cfg, out: Path, reward) -> list[float]:
 
 
 def run_ours(cfg) -> tuple[list[float], list[dict]]:
-    from grpo_llm_eval.records import read_jsonl
-    from grpo_llm_eval.train import train
+    from grpo_llm_eval.training.records import read_jsonl
+    from grpo_llm_eval.training.train import train
 
     result = train(cfg)
     rows = [r for r in read_jsonl(result.run_dir / "metrics.jsonl") if "time/step_s" in r]

@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--settings", default=",".join(SETTINGS), help="comma list from " + ",".join(SETTINGS))
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from grpo_llm_eval.bundled_data import read_bundled
-    from grpo_llm_eval.config_load import load_config
+    from grpo_llm_eval.config.load import load_config
+    from grpo_llm_eval.data.bundled import read_bundled
     from grpo_llm_eval.verifiers import answer_correct
 
     cfg = load_config(None)  # the embedded offline default, the same text as configs/offline.yaml

@@ -71,7 +71,7 @@ def requests(n: int):
 
 
 def teacher(url: str, concurrency: int, feedback_tokens: int, timeout_s: float, adaptive: bool):
-    from grpo_llm_eval.config_load import load_config
+    from grpo_llm_eval.config.load import load_config
     from grpo_llm_eval.teacher.openai_backend import OpenAITeacher
     from grpo_llm_eval.teacher.rubric import Rubric
 

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---- teacher ----------------------------------------------------------------------------------------------
 
 def _teacher(base_url: str, model: str, concurrency: int, feedback_tokens: int):
-    from grpo_llm_eval.config_load import load_config
+    from grpo_llm_eval.config.load import load_config
     from grpo_llm_eval.teacher.openai_backend import OpenAITeacher
     from grpo_llm_eval.teacher.rubric import Rubric
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from grpo_llm_eval import sft, sft_loss
+from grpo_llm_eval.training import sft, sft_loss
 
 LR = 0.5
 

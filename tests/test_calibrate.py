@@ -10,14 +10,14 @@ import random
 
 import pytest
 
-from grpo_llm_eval.calibrate import MASTER_KEYS, calibrate, measure
 from grpo_llm_eval.cli import main
 from grpo_llm_eval.config import SEED_EVALUATION_PROMPT
-from grpo_llm_eval.config_load import load_config
-from grpo_llm_eval.records import read_jsonl
-from grpo_llm_eval.report import build_report
+from grpo_llm_eval.config.load import load_config
+from grpo_llm_eval.evaluation.calibrate import MASTER_KEYS, calibrate, measure
+from grpo_llm_eval.evaluation.report import build_report
 from grpo_llm_eval.teacher.rubric import Rubric
 from grpo_llm_eval.testing.teacher_server import TeacherServer
+from grpo_llm_eval.training.records import read_jsonl
 from tests.conftest import CACHE_DIR, tiny_overrides
 
 TOP_KEYS = {"answer_auc", "answer_auc_ci", "n_right", "n_wrong", "reward_auc", "reward_auc_ci", "length_bias",

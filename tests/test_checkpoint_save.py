@@ -12,14 +12,14 @@ import sys
 
 import pytest
 
-from grpo_llm_eval import checkpoints
+from grpo_llm_eval.training import checkpoints
 
 CHILD = r"""
 import json, resource, signal, sys
 from pathlib import Path
 import torch
 from safetensors.torch import save_file
-from grpo_llm_eval import checkpoints
+from grpo_llm_eval.training import checkpoints
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
@@ -106,9 +106,9 @@ def test_publish_syncs_every_file_and_folder_before_the_rename(tmp_path, monkeyp
 QUEUE_CHILD = r"""
 import json, resource, signal, sys
 from pathlib import Path
-from grpo_llm_eval import checkpoints
-from grpo_llm_eval.config_load import load_config
-from grpo_llm_eval.train import train
+from grpo_llm_eval.training import checkpoints
+from grpo_llm_eval.config.load import load_config
+from grpo_llm_eval.training.train import train
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 limit = int(sys.argv[1])

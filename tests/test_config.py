@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from grpo_llm_eval.config import SEED_EVALUATION_PROMPT, Config
-from grpo_llm_eval.config_doc import END, START, config_table
-from grpo_llm_eval.config_load import (
+from grpo_llm_eval.config.doc import END, START, config_table
+from grpo_llm_eval.config.load import (
     ConfigError,
     apply_overrides,
     default_config_text,
@@ -201,7 +201,7 @@ class TestReadmeTable:
     def test_readme_configuration_table_matches_the_dataclasses(self):
         text = (ROOT / "README.md").read_text()
         block = text.split(START, 1)[1].split(END, 1)[0].strip()
-        assert block == config_table(), "README drifted: run `python -m grpo_llm_eval.config_doc README.md`"
+        assert block == config_table(), "README drifted: run `python -m grpo_llm_eval.config.doc README.md`"
 
 
 class TestScalingDoc:

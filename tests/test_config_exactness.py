@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grpo_llm_eval.config_load import ConfigError, validate
+from grpo_llm_eval.config.load import ConfigError, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ class TestTrainerRefusesWhatConfigWouldHave:
                           report_to="none", **kw)
 
     def test_several_iterations_a_long_generation_batch_and_dropout_are_each_named(self, tmp_path, lora_model):
-        from grpo_llm_eval import judge_ahead
+        from grpo_llm_eval.training import judge_ahead
 
         with pytest.raises(ValueError) as info:
             judge_ahead.check_exact(self._args(tmp_path, num_iterations=2, steps_per_generation=2), lora_model)
@@ -100,6 +100,6 @@ class TestTrainerRefusesWhatConfigWouldHave:
     def test_plain_settings_pass(self, tmp_path, tiny_model):
         from transformers import AutoModelForCausalLM
 
-        from grpo_llm_eval import judge_ahead
+        from grpo_llm_eval.training import judge_ahead
 
         judge_ahead.check_exact(self._args(tmp_path), AutoModelForCausalLM.from_pretrained(tiny_model))

@@ -17,9 +17,9 @@ import datasets
 import pytest
 
 import grpo_llm_eval
-from grpo_llm_eval import bundled_data
 from grpo_llm_eval.config import Config
 from grpo_llm_eval.data import DataError, build_prompts, load_rows, split_siblings
+from grpo_llm_eval.data import bundled as bundled_data
 
 ROWS = [{"question": "What is 2 + 3?", "answer": "5", "kind": "addition"},
         {"question": "What is 7 * 6?", "answer": "42", "kind": "multiplication"},

@@ -12,10 +12,10 @@ from collections import defaultdict
 
 import pytest
 
-from grpo_llm_eval import stats
 from grpo_llm_eval.cli import main
-from grpo_llm_eval.config_load import load_config
-from grpo_llm_eval.evaluate import (
+from grpo_llm_eval.config.load import load_config
+from grpo_llm_eval.evaluation import stats
+from grpo_llm_eval.evaluation.evaluate import (
     PROPORTIONS,
     evaluate,
     generate_responses,
@@ -24,9 +24,9 @@ from grpo_llm_eval.evaluate import (
     summarize,
 )
 from grpo_llm_eval.models import ModelError
-from grpo_llm_eval.records import read_jsonl
 from grpo_llm_eval.testing.teacher_server import TeacherServer
-from grpo_llm_eval.train import train
+from grpo_llm_eval.training.records import read_jsonl
+from grpo_llm_eval.training.train import train
 from tests.conftest import CACHE_DIR, tiny_overrides
 
 CRITERIA = ("thought_process", "answer", "format")

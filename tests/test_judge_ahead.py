@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from grpo_llm_eval import judge_ahead
-from grpo_llm_eval.config_load import load_config
-from grpo_llm_eval.records import read_jsonl
+from grpo_llm_eval.config.load import load_config
 from grpo_llm_eval.testing.teacher_server import TeacherServer
-from grpo_llm_eval.train import train
+from grpo_llm_eval.training import judge_ahead
+from grpo_llm_eval.training.records import read_jsonl
+from grpo_llm_eval.training.train import train
 from tests.conftest import tiny_overrides
 
 
@@ -35,7 +35,7 @@ def test_sampling_logps_match_a_direct_forward_pass_for_ragged_lengths(tiny_mode
     from trl import GRPOTrainer
 
     from grpo_llm_eval import data
-    from grpo_llm_eval.train import grpo_args
+    from grpo_llm_eval.training.train import grpo_args
 
     cfg = load_config(None, tiny_overrides(tiny_model, tmp_path))
     dataset = data.build_prompts(data.load_rows(cfg, "train").dataset, cfg)

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from grpo_llm_eval.cli import main
-from grpo_llm_eval.records import read_jsonl
 from grpo_llm_eval.testing import TeacherServer
+from grpo_llm_eval.training.records import read_jsonl
 
 ROWS = [
     {"id": 1, "question": "What is 6 * 7?", "response": "<think>6*7=42</think> 42", "answer": "42"},

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from grpo_llm_eval.cli import main
-from grpo_llm_eval.config_load import ConfigError, load_config
-from grpo_llm_eval.records import read_jsonl
-from grpo_llm_eval.report import build_report
+from grpo_llm_eval.config.load import ConfigError, load_config
+from grpo_llm_eval.evaluation.report import build_report
 from grpo_llm_eval.testing import TeacherServer
+from grpo_llm_eval.training.records import read_jsonl
 from tests.conftest import tiny_overrides
 from tests.test_judge_cli import ROWS, judge
 

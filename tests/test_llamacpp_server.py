@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 
 from grpo_llm_eval.config import Config
-from grpo_llm_eval.config_load import load_config
+from grpo_llm_eval.config.load import load_config
 from grpo_llm_eval.models import bundled_gguf_path
-from grpo_llm_eval.records import read_jsonl
 from grpo_llm_eval.teacher.openai_backend import OpenAITeacher
 from grpo_llm_eval.teacher.rubric import Rubric
 from grpo_llm_eval.teacher.types import JudgeRequest
-from grpo_llm_eval.train import train
+from grpo_llm_eval.training.records import read_jsonl
+from grpo_llm_eval.training.train import train
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.llamacpp

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from grpo_llm_eval.config_load import load_config
+from grpo_llm_eval.config.load import load_config
 from grpo_llm_eval.teacher.local_backend import LocalTeacher
 from grpo_llm_eval.teacher.rubric import Rubric
 from grpo_llm_eval.teacher.types import JudgeRequest

@@ -10,10 +10,10 @@ from html import escape as html_escape
 import pytest
 
 from grpo_llm_eval.cli import main
-from grpo_llm_eval.config_load import ConfigError, load_config
-from grpo_llm_eval.monitors import JudgeMonitor
-from grpo_llm_eval.records import read_jsonl
+from grpo_llm_eval.config.load import ConfigError, load_config
+from grpo_llm_eval.evaluation.monitors import JudgeMonitor
 from grpo_llm_eval.testing.teacher_server import TeacherServer
+from grpo_llm_eval.training.records import read_jsonl
 from tests.conftest import tiny_overrides
 
 STEPS_BEFORE_TURN = 3
@@ -104,7 +104,7 @@ def turning_run(digit_model, digit_data, out, server, **extra) -> list[str]:
 class TestTeacherTurnsInvertedMidRun:
     def test_warn_logs_the_monitors_and_records_the_alarm_once(self, digit_model, digit_data, tmp_path, caplog):
         with TeacherServer(mode="scripted", switch_mode=(STEPS_BEFORE_TURN * COMPLETIONS_PER_STEP, "inverted")) as srv:
-            with caplog.at_level(logging.WARNING, logger="grpo_llm_eval.monitors"):
+            with caplog.at_level(logging.WARNING, logger="grpo_llm_eval.evaluation.monitors"):
                 assert main(turning_run(digit_model, digit_data, tmp_path, srv)) == 0
         metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
         auc = {m["step"]: m["monitor/answer_auc"] for m in metrics if "monitor/answer_auc" in m}

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from grpo_llm_eval.config_load import load_config
-from grpo_llm_eval.records import read_jsonl
+from grpo_llm_eval.config.load import load_config
 from grpo_llm_eval.teacher.openai_backend import OpenAITeacher
 from grpo_llm_eval.teacher.rubric import Rubric
 from grpo_llm_eval.teacher.types import JudgeRequest
 from grpo_llm_eval.testing.teacher_server import TeacherServer
+from grpo_llm_eval.training.records import read_jsonl
 from tests.conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,7 +255,7 @@ class TestTwoProcesses:
     def test_every_process_ends_with_the_same_updated_weights(self, launched, tiny_model):
         from transformers import AutoModelForCausalLM
 
-        from grpo_llm_eval.callbacks import weights_digest
+        from grpo_llm_eval.training.callbacks import weights_digest
 
         _ok(launched)
         digests = [json.loads((launched["digests"] / f"rank-{i}.json").read_text()) for i in range(PROCESSES)]

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from grpo_llm_eval.records import read_jsonl
 from grpo_llm_eval.testing.teacher_server import TeacherServer
+from grpo_llm_eval.training.records import read_jsonl
 from tests.conftest import tiny_overrides
 from tests.test_multiprocess import ACCELERATE_CONFIGS, ROOT, _free_port
 
@@ -74,7 +74,7 @@ class TestSftWithOneProcessUngraded:
         under DDP; unpartnered all-gathers under FSDP/ZeRO-3)."""
         from transformers import AutoModelForCausalLM
 
-        from grpo_llm_eval.callbacks import weights_digest
+        from grpo_llm_eval.training.callbacks import weights_digest
 
         assert launched["rc"] is not None, f"no exit within {TIMEOUT_S} s (hung):\n{launched['output'][-3000:]}"
         assert launched["rc"] == 0, launched["output"][-4000:]

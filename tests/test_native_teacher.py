@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo_llm_eval.config_load import load_config
+from grpo_llm_eval.config.load import load_config
 from grpo_llm_eval.models import bundled_gguf_path
 from grpo_llm_eval.teacher.llamacpp import ENV_EXTRA_BUFTS
 from grpo_llm_eval.teacher.local_backend import LocalTeacher
@@ -163,7 +163,7 @@ class TestLaterNativeCrashes:
     def test_a_native_crash_after_the_check_still_prints_where_it_happened(self, tmp_path):
         """faulthandler is on in the CLI: a crash past the teacher check (here, in native code while the trainer
         module loads) prints Python's fatal-error trace with the file and line, not a bare exit 139."""
-        proc = cli(tmp_path, env=crash_env(tmp_path, CRASH_ON_MODULE="grpo_llm_eval.trainer"))
+        proc = cli(tmp_path, env=crash_env(tmp_path, CRASH_ON_MODULE="grpo_llm_eval.training.trainer"))
         assert proc.returncode == -11, (proc.returncode, proc.stderr[-3000:])
         assert "Fatal Python error: Segmentation fault" in proc.stderr
         assert re.search(r'File ".*train\.py", line \d+', proc.stderr), proc.stderr[-3000:]

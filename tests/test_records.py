@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from grpo_llm_eval.records import JsonlWriter, RolloutRecorder, dumps, read_jsonl
 from grpo_llm_eval.teacher.types import Judgement
+from grpo_llm_eval.training.records import JsonlWriter, RolloutRecorder, dumps, read_jsonl
 
 
 class TestJsonl:

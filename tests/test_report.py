@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 from grpo_llm_eval.cli import main
-from grpo_llm_eval.config_load import load_config
-from grpo_llm_eval.evaluate import summarize
-from grpo_llm_eval.records import read_jsonl
-from grpo_llm_eval.report import build_report
-from grpo_llm_eval.run_dir import RunDirError
+from grpo_llm_eval.config.load import load_config
+from grpo_llm_eval.evaluation.evaluate import summarize
+from grpo_llm_eval.evaluation.report import build_report
 from grpo_llm_eval.testing.teacher_server import TeacherServer
-from grpo_llm_eval.train import train
+from grpo_llm_eval.training.records import read_jsonl
+from grpo_llm_eval.training.run_dir import RunDirError
+from grpo_llm_eval.training.train import train
 from tests.conftest import tiny_overrides
 
 PAYLOADS = {

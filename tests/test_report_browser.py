@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from grpo_llm_eval.records import read_jsonl
-from grpo_llm_eval.report import build_report
+from grpo_llm_eval.evaluation.report import build_report
+from grpo_llm_eval.training.records import read_jsonl
 from tests.test_report import PAYLOADS, hostile_copy, report_run  # noqa: F401 (report_run: a shared fixture)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

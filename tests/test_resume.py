@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from grpo_llm_eval import checkpoints
-from grpo_llm_eval.records import read_jsonl
 from grpo_llm_eval.testing.teacher_server import TeacherServer
+from grpo_llm_eval.training import checkpoints
+from grpo_llm_eval.training.records import read_jsonl
 from tests.conftest import tiny_overrides
 
 

@@ -9,16 +9,16 @@ import torch
 from transformers import AutoTokenizer
 from trl import GRPOTrainer
 
-from grpo_llm_eval import sft
-from grpo_llm_eval.config_load import load_config
+from grpo_llm_eval.config.load import load_config
 from grpo_llm_eval.data import build_prompts, load_rows
-from grpo_llm_eval.records import RolloutRecorder, read_jsonl
 from grpo_llm_eval.rewards import TeacherRubricReward
 from grpo_llm_eval.teacher import build_teacher
 from grpo_llm_eval.teacher.rubric import Rubric
 from grpo_llm_eval.testing.teacher_server import TeacherServer
-from grpo_llm_eval.train import grpo_args, train
-from grpo_llm_eval.trainer import TeacherGRPOTrainer
+from grpo_llm_eval.training import sft
+from grpo_llm_eval.training.records import RolloutRecorder, read_jsonl
+from grpo_llm_eval.training.train import grpo_args, train
+from grpo_llm_eval.training.trainer import TeacherGRPOTrainer
 from tests.conftest import tiny_overrides
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from grpo_llm_eval import sft, sft_loss
 from grpo_llm_eval.testing.teacher_server import TeacherServer
+from grpo_llm_eval.training import sft, sft_loss
 from tests.test_sft import full_logits_sft_loss, make_trainer
 
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from grpo_llm_eval import stats
+from grpo_llm_eval.evaluation import stats
 
 Z95 = 1.959963984540054
 

@@ -8,10 +8,10 @@ import math
 import pytest
 import yaml
 
-from grpo_llm_eval.config_load import load_config
-from grpo_llm_eval.records import read_jsonl
+from grpo_llm_eval.config.load import load_config
 from grpo_llm_eval.testing.teacher_server import TeacherServer
-from grpo_llm_eval.train import TrainingAborted, train
+from grpo_llm_eval.training.records import read_jsonl
+from grpo_llm_eval.training.train import TrainingAborted, train
 from tests.conftest import tiny_overrides
 
 RECORD_KEYS = {"step", "prompt", "completion", "ground_truth", "group", "scores", "feedback", "judge_status", "reward",

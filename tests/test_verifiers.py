@@ -84,7 +84,7 @@ POWER_TOWER = "<think>7</think> $\\boxed{7^{7^{7^{7}}}}$"
 # Run in a child with a deadline, so that a regression hangs the child, not the test suite.
 _TOWER_CHILD = r"""
 import json, sys, threading, time
-from grpo_llm_eval.config_load import load_config
+from grpo_llm_eval.config.load import load_config
 from grpo_llm_eval.rewards import TeacherRubricReward
 from grpo_llm_eval.teacher.rubric import Rubric
 from grpo_llm_eval.verifiers import answer_correct

@@ -8,7 +8,7 @@ import os
 import sys
 import warnings
 
-from grpo_llm_eval.config_load import (
+from grpo_llm_eval.config.load import (
     ConfigError,
     apply_overrides,
     dump_yaml,
@@ -87,13 +87,13 @@ def _setup_logging(debug: bool) -> None:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from grpo_llm_eval.calibrate import CalibrationError
-    from grpo_llm_eval.checkpoints import ResumeError, SaveError
     from grpo_llm_eval.data import DataError
+    from grpo_llm_eval.evaluation.calibrate import CalibrationError
     from grpo_llm_eval.models import ModelError
-    from grpo_llm_eval.run_dir import RunDirError
     from grpo_llm_eval.teacher.types import TeacherUnavailable
-    from grpo_llm_eval.train import TrainingAborted
+    from grpo_llm_eval.training.checkpoints import ResumeError, SaveError
+    from grpo_llm_eval.training.run_dir import RunDirError
+    from grpo_llm_eval.training.train import TrainingAborted
 
     return (DataError, ModelError, RunDirError, TeacherUnavailable, ResumeError, SaveError, TrainingAborted,
             CalibrationError)
@@ -105,7 +105,7 @@ def _resume_config(args):
     The run's config.yaml holds openai_base_url with its credentials redacted; there OPENAI_BASE_URL from the
     environment takes its place (`--set` still wins), and without it validation refuses the placeholder.
     """
-    from grpo_llm_eval.checkpoints import find_resume
+    from grpo_llm_eval.training.checkpoints import find_resume
 
     base = load_config(args.config, args.overrides)
     run, checkpoint = find_resume(base.output_dir, base.run_name, args.resume)
@@ -127,7 +127,7 @@ def run_train(args) -> int:
     if args.dry_run:
         sys.stdout.write(dump_yaml(cfg))
         return 0
-    from grpo_llm_eval.train import train
+    from grpo_llm_eval.training.train import train
 
     result = train(cfg, resume=checkpoint)
     logger.info("Done: %d steps. Run folder: %s (final model: %s)", result.global_step, result.run_dir, result.final_dir)
@@ -135,7 +135,7 @@ def run_train(args) -> int:
 
 
 def run_judge(args) -> int:
-    from grpo_llm_eval.judge_file import judge_file
+    from grpo_llm_eval.evaluation.judge_file import judge_file
 
     cfg = load_config(args.config, args.overrides)
     summary = judge_file(cfg, args.input, args.output)
@@ -145,7 +145,7 @@ def run_judge(args) -> int:
 
 
 def run_evaluate(args) -> int:
-    from grpo_llm_eval.evaluate import evaluate, format_table
+    from grpo_llm_eval.evaluation.evaluate import evaluate, format_table
 
     cfg = load_config(args.config, args.overrides)
     summary = evaluate(cfg, args.models, args.output, split=args.split, limit=args.limit, samples=args.samples,
@@ -157,7 +157,7 @@ def run_evaluate(args) -> int:
 
 
 def run_calibrate(args) -> int:
-    from grpo_llm_eval.calibrate import calibrate, format_table
+    from grpo_llm_eval.evaluation.calibrate import calibrate, format_table
 
     cfg = load_config(args.config, args.overrides)
     result = calibrate(cfg, args.output, model=args.model, limit=args.limit, samples=args.samples,
@@ -168,7 +168,7 @@ def run_calibrate(args) -> int:
 
 
 def run_report(args) -> int:
-    from grpo_llm_eval.report import build_report
+    from grpo_llm_eval.evaluation.report import build_report
 
     path = build_report(args.run_dir, output=args.output, eval_dir=args.eval_dir, max_rows=args.max_rows,
                         calibration_dir=args.calibration_dir)
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        from grpo_llm_eval.train import TrainingInterrupted
+        from grpo_llm_eval.training.train import TrainingInterrupted
 
         if isinstance(exc, TrainingInterrupted):
             print(str(exc), file=sys.stderr)

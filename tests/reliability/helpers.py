@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from grpo_llm_eval.config import Config
-from grpo_llm_eval.config_load import load_config
+from grpo_llm_eval.config.load import load_config
 from grpo_llm_eval.teacher.openai_backend import OpenAITeacher
 from grpo_llm_eval.teacher.rubric import Rubric
 from tests.conftest import tiny_overrides

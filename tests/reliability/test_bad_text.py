@@ -9,10 +9,10 @@ import logging
 import pytest
 
 from grpo_llm_eval.config import Config
-from grpo_llm_eval.judge_file import judge_file
-from grpo_llm_eval.records import read_jsonl
+from grpo_llm_eval.evaluation.judge_file import judge_file
 from grpo_llm_eval.testing import TeacherServer
-from grpo_llm_eval.train import train
+from grpo_llm_eval.training.records import read_jsonl
+from grpo_llm_eval.training.train import train
 from tests.reliability.helpers import tiny_cfg
 
 GOOD_QUESTIONS = ["What is 2 + 3?", "What is 4 + 4?", "What is 1 + 1?", "What is 3 + 3?", "What is 5 + 5?",

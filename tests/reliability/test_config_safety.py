@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from grpo_llm_eval.config_load import ConfigError, load_config
+from grpo_llm_eval.config.load import ConfigError, load_config
 from tests.reliability.helpers import run_cli
 
 PAYLOADS = [

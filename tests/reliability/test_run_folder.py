@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from grpo_llm_eval.config_load import load_config
-from grpo_llm_eval.run_dir import RunDirError, prepare
+from grpo_llm_eval.config.load import load_config
 from grpo_llm_eval.testing import TeacherServer
-from grpo_llm_eval.train import train
+from grpo_llm_eval.training.run_dir import RunDirError, prepare
+from grpo_llm_eval.training.train import train
 from tests.conftest import tiny_overrides
 from tests.reliability.helpers import cli_env, run_cli, sets
 

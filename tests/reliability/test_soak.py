@@ -14,9 +14,9 @@ from collections import Counter
 
 import pytest
 
-from grpo_llm_eval.records import read_jsonl
 from grpo_llm_eval.testing import ALL_FAULTS, TeacherServer
-from grpo_llm_eval.train import train
+from grpo_llm_eval.training.records import read_jsonl
+from grpo_llm_eval.training.train import train
 from tests.reliability.helpers import rows_by_step, tiny_cfg
 
 STEPS, GROUP = 200, 2

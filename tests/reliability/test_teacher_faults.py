@@ -8,12 +8,12 @@ import time
 
 import pytest
 
-from grpo_llm_eval.records import read_jsonl
 from grpo_llm_eval.rewards import TeacherRubricReward
 from grpo_llm_eval.teacher.types import JudgeRequest
 from grpo_llm_eval.testing import TeacherServer
 from grpo_llm_eval.testing.teacher_server import request_key
-from grpo_llm_eval.train import TrainingAborted, train
+from grpo_llm_eval.training.records import read_jsonl
+from grpo_llm_eval.training.train import TrainingAborted, train
 from tests.conftest import tiny_overrides
 from tests.reliability.helpers import closed_port, rows_by_step, run_async, run_cli, sets, teacher_at, tiny_cfg
 

@@ -80,7 +80,7 @@ def check_in_child(cfg, n_ctx: int, n_threads: int, gguf, timeout_s: float = 600
 
 
 def _child() -> int:
-    from grpo_llm_eval.config_load import validate
+    from grpo_llm_eval.config.load import validate
     from grpo_llm_eval.teacher.local_backend import LocalTeacher
     from grpo_llm_eval.teacher.rubric import Rubric
 

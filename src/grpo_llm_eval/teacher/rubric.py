@@ -14,9 +14,21 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from grpo_llm_eval.config import SEED_EVALUATION_PROMPT
 from grpo_llm_eval.teacher import parse as _parse
 from grpo_llm_eval.teacher.parse import Parsed
+
+# The seed's teacher prompt (its XML format), the rubric's default; config.py uses it as evaluation_prompt's default.
+SEED_EVALUATION_PROMPT = (
+    "You are a teacher evaluating a student's answer. Evaluate the following student's response in two "
+    "parts:\n1) Correctness of the thought process (rated from 1 to 10), and\n2) Correctness of the final "
+    "answer (rated from 1 to 10).\n3) Format and clarity of the response (rated from 1 to 10). Student must "
+    "have <think> and </think> tags included! If not, give 0 points for this assesment.\n\nThink about the "
+    "student's thought process and the final answer using <think> ... </think> tags.\nProvide detailed "
+    "feedback after your thinking process using the following XML format:\n<evaluation>\n  <thought_process>"
+    "<score>{score}</score><explanation>{explanation}</thought_process>\n  <answer><score>{score}</score>"
+    "<explanation>{explanation}</answer>\n  <format><score>{score}</score><explanation>{explanation}</format>"
+    "\n</evaluation>\n\nStudent Response:\n{student_response}\nGround Truth:\n{ground_truth}\n"
+)
 
 __all__ = ["Criterion", "Parsed", "Rubric", "fence", "render", "seed_criteria"]
 

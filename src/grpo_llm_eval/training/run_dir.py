@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from grpo_llm_eval.config_load import dump_yaml
+from grpo_llm_eval.config.load import dump_yaml
 
 
 class RunDirError(Exception):

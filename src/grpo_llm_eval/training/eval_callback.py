@@ -19,7 +19,7 @@ import time
 from transformers import TrainerCallback
 
 from grpo_llm_eval import data as data_mod
-from grpo_llm_eval.evaluate import generate_responses
+from grpo_llm_eval.evaluation.evaluate import generate_responses
 from grpo_llm_eval.teacher.types import JudgeRequest
 from grpo_llm_eval.verifiers import answer_correct, format_correct
 

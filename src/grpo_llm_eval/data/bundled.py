@@ -3,8 +3,8 @@
 `bundled:arithmetic` is generated here, deterministically, and shipped as JSONL under `assets/`.
 Regenerate (or check the shipped files for drift) with::
 
-    python -m grpo_llm_eval.bundled_data            # rewrite the files
-    python -m grpo_llm_eval.bundled_data --check    # exit 1 if they differ from a fresh generation
+    python -m grpo_llm_eval.data.bundled            # rewrite the files
+    python -m grpo_llm_eval.data.bundled --check    # exit 1 if they differ from a fresh generation
 
 Every problem is checked at generation time by `verify_row`, which re-reads the numbers from the question
 text and evaluates the template's formula with a tiny AST evaluator, independently of the generator's
@@ -257,9 +257,9 @@ def to_jsonl(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Regenerate the bundled JSONL files (or, with --check, report whether they drifted)."""
-    parser = argparse.ArgumentParser(prog="python -m grpo_llm_eval.bundled_data", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m grpo_llm_eval.data.bundled", description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="Exit 1 if the shipped files differ; write nothing.")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "assets"), help="Folder to write to.")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "assets"), help="Folder to write to.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     drift = 0

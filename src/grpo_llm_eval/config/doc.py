@@ -1,6 +1,6 @@
 """The README's configuration table, generated from the config dataclasses' help metadata.
 
-`python -m grpo_llm_eval.config_doc README.md` rewrites the table between its markers; a test fails when the
+`python -m grpo_llm_eval.config.doc README.md` rewrites the table between its markers; a test fails when the
 README drifts from the dataclasses.
 """
 

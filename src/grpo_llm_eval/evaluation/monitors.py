@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from transformers import TrainerCallback
 
-from grpo_llm_eval import stats
+from grpo_llm_eval.evaluation import stats
 
 logger = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
-from grpo_llm_eval import checkpoints, judge_ahead, judge_spend, sft, sft_loss
-from grpo_llm_eval.callbacks import StepTimer
-from grpo_llm_eval.skip_update import SkipUngradedUpdates
 from grpo_llm_eval.teacher.usage import Usage
+from grpo_llm_eval.training import checkpoints, judge_ahead, judge_spend, sft, sft_loss
+from grpo_llm_eval.training.callbacks import StepTimer
+from grpo_llm_eval.training.skip_update import SkipUngradedUpdates
 
 logger = logging.getLogger(__name__)
 

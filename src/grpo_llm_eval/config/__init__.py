@@ -10,18 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from grpo_llm_eval.teacher import BACKENDS
+from grpo_llm_eval.teacher.rubric import SEED_EVALUATION_PROMPT
 
-SEED_EVALUATION_PROMPT = (
-    "You are a teacher evaluating a student's answer. Evaluate the following student's response in two "
-    "parts:\n1) Correctness of the thought process (rated from 1 to 10), and\n2) Correctness of the final "
-    "answer (rated from 1 to 10).\n3) Format and clarity of the response (rated from 1 to 10). Student must "
-    "have <think> and </think> tags included! If not, give 0 points for this assesment.\n\nThink about the "
-    "student's thought process and the final answer using <think> ... </think> tags.\nProvide detailed "
-    "feedback after your thinking process using the following XML format:\n<evaluation>\n  <thought_process>"
-    "<score>{score}</score><explanation>{explanation}</thought_process>\n  <answer><score>{score}</score>"
-    "<explanation>{explanation}</answer>\n  <format><score>{score}</score><explanation>{explanation}</format>"
-    "\n</evaluation>\n\nStudent Response:\n{student_response}\nGround Truth:\n{ground_truth}\n"
-)
 SEED_SYSTEM_PROMPT = "Respond in the following format:\n<think>\n...\n</think>\n...\n$\\boxed{answer}$"
 BUNDLED_STUDENT = "bundled:smollm2-135m-instruct"
 

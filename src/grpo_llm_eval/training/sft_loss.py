@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from grpo_llm_eval.sft import IGNORE, collate
+from grpo_llm_eval.training.sft import IGNORE, collate
 
 EXAMPLES_PER_FORWARD = 4
 LOGITS_BUDGET = 1 << 24  # elements of one output-layer call's logits (64 MiB in float32)

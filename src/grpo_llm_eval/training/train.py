@@ -10,10 +10,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from grpo_llm_eval import checkpoints, models, run_dir
 from grpo_llm_eval import data as data_mod
+from grpo_llm_eval import models
 from grpo_llm_eval.teacher import build_teacher
 from grpo_llm_eval.teacher.rubric import Rubric
+from grpo_llm_eval.training import checkpoints, run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -157,9 +158,9 @@ def _prepare_run(cfg, resume):
 
 def _build_trainer(cfg, out: Path, dataset, rubric, teacher, is_main: bool):
     """Student, reward, recorder and our GRPOTrainer subclass."""
-    from grpo_llm_eval.records import RolloutRecorder
     from grpo_llm_eval.rewards import TeacherRubricReward
-    from grpo_llm_eval.trainer import TeacherGRPOTrainer
+    from grpo_llm_eval.training.records import RolloutRecorder
+    from grpo_llm_eval.training.trainer import TeacherGRPOTrainer
 
     _share_cpu_with_local_teacher(cfg)
     student = models.load_student(cfg)
@@ -197,7 +198,8 @@ def _attach_callbacks(trainer, cfg, rubric, teacher, recorder, out: Path, is_mai
     """Records, the failed-grades guard, judge monitors, the time budget, evaluation, signals, progress display."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from grpo_llm_eval.callbacks import (
+    from grpo_llm_eval.evaluation.monitors import JudgeMonitorCallback
+    from grpo_llm_eval.training.callbacks import (
         FailedGradesGuard,
         ProgressBar,
         ProgressLines,
@@ -206,12 +208,11 @@ def _attach_callbacks(trainer, cfg, rubric, teacher, recorder, out: Path, is_mai
         TimeBudget,
         WeightDigestCallback,
     )
-    from grpo_llm_eval.monitors import JudgeMonitorCallback
 
     guard = FailedGradesGuard(trainer, cfg.max_consecutive_failed_steps)
     stopper = StopOnSignal()
     if teacher is not None:  # calls, tokens and cost in metrics.jsonl; the teacher budgets
-        from grpo_llm_eval.judge_spend import JudgeSpend
+        from grpo_llm_eval.training.judge_spend import JudgeSpend
 
         trainer.judge_spend = JudgeSpend(trainer, teacher.usage)
         trainer.add_callback(trainer.judge_spend)
@@ -224,7 +225,7 @@ def _attach_callbacks(trainer, cfg, rubric, teacher, recorder, out: Path, is_mai
     if cfg.max_train_minutes > 0:
         trainer.add_callback(TimeBudget(cfg.max_train_minutes))
     if cfg.eval_steps > 0:
-        from grpo_llm_eval.eval_callback import EvalCallback
+        from grpo_llm_eval.training.eval_callback import EvalCallback
 
         trainer.add_callback(EvalCallback(trainer, cfg, rubric, teacher))
     trainer.add_callback(stopper)

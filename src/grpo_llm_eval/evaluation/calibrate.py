@@ -29,12 +29,12 @@ import time
 from pathlib import Path
 
 from grpo_llm_eval import data as data_mod
-from grpo_llm_eval import evaluate as ev
-from grpo_llm_eval import stats
-from grpo_llm_eval.records import JsonlWriter, dumps, read_jsonl
+from grpo_llm_eval.evaluation import evaluate as ev
+from grpo_llm_eval.evaluation import stats
 from grpo_llm_eval.teacher import build_teacher
 from grpo_llm_eval.teacher.rubric import Rubric
 from grpo_llm_eval.teacher.types import JudgeRequest
+from grpo_llm_eval.training.records import JsonlWriter, dumps, read_jsonl
 
 logger = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import yaml
 
-from grpo_llm_eval.records import read_jsonl
-from grpo_llm_eval.report_assets import page, svg_figure
-from grpo_llm_eval.report_calibration import calibration_section, load_calibration
-from grpo_llm_eval.run_dir import RunDirError
+from grpo_llm_eval.evaluation.report_assets import page, svg_figure
+from grpo_llm_eval.evaluation.report_calibration import calibration_section, load_calibration
+from grpo_llm_eval.training.records import read_jsonl
+from grpo_llm_eval.training.run_dir import RunDirError
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from grpo_llm_eval.records import JsonlWriter
+from grpo_llm_eval.training.records import JsonlWriter
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from grpo_llm_eval.records import dumps
+from grpo_llm_eval.training.records import dumps
 
 logger = logging.getLogger(__name__)
 

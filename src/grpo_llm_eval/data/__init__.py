@@ -36,8 +36,8 @@ import datasets.table
 import huggingface_hub
 import pyarrow.parquet
 
-from grpo_llm_eval.bundled_data import BUNDLED_DATASETS, read_bundled, stable_shuffle
 from grpo_llm_eval.config import Config
+from grpo_llm_eval.data.bundled import BUNDLED_DATASETS, read_bundled, stable_shuffle
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import math
 from html import escape
 from pathlib import Path
 
-from grpo_llm_eval.records import read_jsonl
-from grpo_llm_eval.report_assets import svg_figure
-from grpo_llm_eval.run_dir import RunDirError
+from grpo_llm_eval.evaluation.report_assets import svg_figure
+from grpo_llm_eval.training.records import read_jsonl
+from grpo_llm_eval.training.run_dir import RunDirError
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Evaluation: `evaluate`, `judge` on a file, calibration and monitors of the judge, statistics, the HTML report."""
