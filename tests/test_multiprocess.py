@@ -158,6 +158,20 @@ class TestTeacherConcurrencyShare:
 PROCESSES, STEPS, GROUP, CAP = 2, 2, 4, 2
 
 
+def cpu_launch(overrides: list[str], digests: Path, processes: int) -> tuple[list[str], dict]:
+    """The command and environment of a `train` run in PROCESSES CPU processes (gloo), each process writing its
+    weights' digest into DIGESTS after training."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ACCELERATE_CONFIGS / "cpu_2proc.yaml"), "--num_processes", str(processes),
+           "--main_process_port", str(_free_port()), "-m", "grpo_llm_eval.cli", "train"]
+    for item in overrides:
+        cmd += ["--set", item]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "GRPO_LLM_EVAL_DUMP_WEIGHTS_DIR": str(digests)}
+    return cmd, env
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -177,15 +191,7 @@ def launched(tiny_model, tmp_path_factory):
                                    # Scripted grades of a random model's text are all 0, so GRPO's advantages
                                    # are 0; the SFT term on the feedback makes the update move the weights.
                                    sft_beta=1.0)
-        cmd = [sys.executable, "-m", "accelerate.commands.launch",
-               "--config_file", str(ACCELERATE_CONFIGS / "cpu_2proc.yaml"),
-               "--num_processes", str(PROCESSES), "--main_process_port", str(_free_port()),
-               "-m", "grpo_llm_eval.cli", "train"]
-        for item in overrides:
-            cmd += ["--set", item]
-        env = {**os.environ, "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-               "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "GRPO_LLM_EVAL_DUMP_WEIGHTS_DIR": str(digests)}
+        cmd, env = cpu_launch(overrides, digests, PROCESSES)
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         stats = server.stats()
     return {"proc": proc, "out": out, "digests": digests, "stats": stats}

@@ -4,16 +4,14 @@ processes must run the same collectives (no hang) and end with the same weights.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 
 from grpo_llm_eval.testing.teacher_server import TeacherServer
 from grpo_llm_eval.training.records import read_jsonl
 from tests.conftest import tiny_overrides
-from tests.test_multiprocess import ACCELERATE_CONFIGS, ROOT, _free_port
+from tests.test_multiprocess import ROOT, cpu_launch
 
 FAILING_TRUTH = "424242"  # every grade of the prompt with this answer fails
 STEPS, GROUP, TIMEOUT_S = 2, 4, 240  # the run takes about 30 s on 2 busy cores
@@ -54,15 +52,7 @@ def launched(tiny_model, tmp_path_factory):
                                    prompts_per_step=1, num_return_sequences=GROUP, save_steps=STEPS,
                                    dataset_name=str(data), teacher_max_retries=0, teacher_timeout_s=30,
                                    sft_beta=1.0, judge_ahead_steps=0)
-        cmd = [sys.executable, "-m", "accelerate.commands.launch",
-               "--config_file", str(ACCELERATE_CONFIGS / "cpu_2proc.yaml"),
-               "--num_processes", "2", "--main_process_port", str(_free_port()),
-               "-m", "grpo_llm_eval.cli", "train"]
-        for item in overrides:
-            cmd += ["--set", item]
-        env = {**os.environ, "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-               "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "GRPO_LLM_EVAL_DUMP_WEIGHTS_DIR": str(digests)}
+        cmd, env = cpu_launch(overrides, digests, 2)
         rc, output = _launch(cmd, env, TIMEOUT_S)
     return {"rc": rc, "output": output, "run": out / "run", "digests": digests}
 

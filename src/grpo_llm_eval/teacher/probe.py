@@ -72,7 +72,11 @@ def check_in_child(cfg, n_ctx: int, n_threads: int, gguf, timeout_s: float = 600
         lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error: ")]
         reason = lines[-1][len("error: "):] if lines else f"the check exited with {proc.returncode}"
         raise TeacherUnavailable(f"cannot load the local teacher {gguf}: {reason}")
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise TeacherUnavailable(f"the local teacher check with {gguf} exited 0 without a result on stdout (got "
+                                 f"{proc.stdout[-200:]!r}); run with --debug to see its output.") from None
     report["wall_s"] = time.perf_counter() - start
     logger.info("Local teacher check: graded a test response in a child process in %.1f s (status %s).",
                 report["wall_s"], report["status"])
