@@ -103,7 +103,7 @@ class LocalTeacher:
         self._scorer: ForcedScorer | None = None
         self._lock = threading.Lock()
         self._closing = threading.Event()  # set by aclose: a batch in progress stops after its current grade
-        self.check_in_child = True  # health_check grades once in a child process first (teacher/probe.py)
+        self.check_first_in_child = True  # health_check grades once in a child process first (teacher/probe.py)
         self._truncation = TruncationCheck(rubric, cfg.max_feedback_new_tokens)  # decoded grades only
         self.usage = UsageMeter.from_config(cfg)  # tokens counted with the model's own tokenizer (usage.py)
 
@@ -137,7 +137,7 @@ class LocalTeacher:
     async def health_check(self) -> None:
         """Grade a test response in a child process first (a native crash there ends nothing but the child;
         teacher/probe.py), then load the model here."""
-        if self.check_in_child and self._llm is None:
+        if self.check_first_in_child and self._llm is None:
             report = await asyncio.to_thread(check_in_child, self.cfg, self.n_ctx, self.n_threads, self.path)
             if report["status"] == "error":
                 raise TeacherUnavailable(f"the local teacher {self.path} could not grade a test response: "
