@@ -146,7 +146,7 @@ class TestTeacherConcurrencyShare:
 
     def test_without_accelerate_state_the_launchers_world_size_counts(self):
         # A fresh interpreter, where nothing has set accelerate's state up (this test process may have).
-        code = "from grpo_llm_eval.teacher.openai_backend import process_count; print(process_count())"
+        code = "from grpo_llm_eval.teacher.limits import process_count; print(process_count())"
         env = {**os.environ, "WORLD_SIZE": "4"}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr

@@ -17,10 +17,10 @@ import os
 import sqlite3
 import threading
 import time
-import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
 
+from grpo_llm_eval.teacher.transport import display_url
 from grpo_llm_eval.teacher.types import Judgement, JudgeRequest
 
 logger = logging.getLogger(__name__)
@@ -43,18 +43,12 @@ def flags_from_config(cfg) -> dict:
     """
     server = ""
     if cfg.teacher_backend == "openai":
-        server = _server_of(cfg.openai_base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1")
+        url = cfg.openai_base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        server = display_url(url.strip()).rstrip("/")  # scheme://host:port/path, no credentials
     return {"structured": bool(cfg.teacher_structured_output), "logprobs": bool(cfg.teacher_logprob_scores),
             "temperature": float(cfg.teacher_temperature), "backend": cfg.teacher_backend, "server": server,
             "think": [cfg.think_open_string, cfg.think_close_string],
             "max_tokens": int(cfg.max_feedback_new_tokens)}
-
-
-def _server_of(url: str) -> str:
-    """scheme://host:port/path of URL, without user:password@, query or trailing slash."""
-    parts = urllib.parse.urlsplit(url.strip())
-    netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit((parts.scheme.lower(), netloc, parts.path.rstrip("/"), "", ""))
 
 
 class JudgementCache:

@@ -20,6 +20,7 @@ import asyncio
 import collections
 import logging
 import math
+import os
 import threading
 import time
 
@@ -131,6 +132,22 @@ class AdaptiveConcurrency:
             self.limit = min(float(self.cap), self.limit + 1.0 / self.limit)
         async with self._cond:
             self._cond.notify_all()
+
+
+def process_count() -> int:
+    """Processes of this run: accelerate's count once its state is set up, else the launcher's WORLD_SIZE, else 1.
+
+    Never sets accelerate's state up itself: a bare PartialState() would fix the device choice before
+    the Trainer makes it (on CPU it would not even join the launched processes into one group).
+    """
+    from accelerate import PartialState
+
+    if PartialState._shared_state:  # set up (transformers checks the same way)
+        return PartialState().num_processes
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def per_process(limit: float, processes: int) -> float:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from grpo_llm_eval.teacher.grading import TruncationCheck, judgement_from_completion
+from grpo_llm_eval.teacher.limits import process_count
 from grpo_llm_eval.teacher.local_scores import ForcedScorer
 from grpo_llm_eval.teacher.probe import check_in_child
 from grpo_llm_eval.teacher.types import Judgement, JudgeRequest, TeacherUnavailable
@@ -138,10 +139,7 @@ class LocalTeacher:
         """Grade a test response in a child process first (a native crash there ends nothing but the child;
         teacher/probe.py), then load the model here."""
         if self.check_first_in_child and self._llm is None:
-            report = await asyncio.to_thread(check_in_child, self.cfg, self.n_ctx, self.n_threads, self.path)
-            if report["status"] == "error":
-                raise TeacherUnavailable(f"the local teacher {self.path} could not grade a test response: "
-                                         f"{report['error']}")
+            await asyncio.to_thread(check_in_child, self.cfg, self.n_ctx, self.n_threads, self.path)
         try:
             await asyncio.to_thread(self._model)
         except Exception as exc:  # a corrupt or unsupported file
@@ -155,8 +153,6 @@ class LocalTeacher:
         return self._judge_all(requests)
 
     def _judge_all(self, requests: list[JudgeRequest]) -> list[Judgement]:
-        from grpo_llm_eval.teacher.openai_backend import process_count
-
         self.usage.share = 1.0 / process_count()
         with self._lock:
             return [self._judge_gated(r) if not self._closing.is_set()

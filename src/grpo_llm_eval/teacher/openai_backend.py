@@ -23,7 +23,7 @@ import openai
 
 from grpo_llm_eval.teacher.gate import CallGate
 from grpo_llm_eval.teacher.grading import TruncationCheck, judgement_from_completion
-from grpo_llm_eval.teacher.limits import AdaptiveConcurrency
+from grpo_llm_eval.teacher.limits import AdaptiveConcurrency, process_count
 from grpo_llm_eval.teacher.transport import display_url, retry_after_seconds, split_credentials
 from grpo_llm_eval.teacher.types import Judgement, JudgeRequest, TeacherUnavailable
 from grpo_llm_eval.teacher.usage import BudgetSpent, UsageMeter
@@ -56,22 +56,6 @@ async def _close_at_loop_shutdown(client: openai.AsyncOpenAI):
         yield
     finally:
         await client.close()
-
-
-def process_count() -> int:
-    """Processes of this run: accelerate's count once its state is set up, else the launcher's WORLD_SIZE, else 1.
-
-    Never sets accelerate's state up itself: a bare PartialState() would fix the device choice before
-    the Trainer makes it (on CPU it would not even join the launched processes into one group).
-    """
-    from accelerate import PartialState
-
-    if PartialState._shared_state:  # set up (transformers checks the same way)
-        return PartialState().num_processes
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
 
 
 class OpenAITeacher:

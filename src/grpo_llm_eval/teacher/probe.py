@@ -77,6 +77,8 @@ def check_in_child(cfg, n_ctx: int, n_threads: int, gguf, timeout_s: float = 600
     except (IndexError, ValueError):
         raise TeacherUnavailable(f"the local teacher check with {gguf} exited 0 without a result on stdout (got "
                                  f"{proc.stdout[-200:]!r}); run with --debug to see its output.") from None
+    if report["status"] == "error":  # the grade raised inside the backend (it caught it): nothing to train on
+        raise TeacherUnavailable(f"the local teacher {gguf} could not grade a test response: {report['error']}")
     report["wall_s"] = time.perf_counter() - start
     logger.info("Local teacher check: graded a test response in a child process in %.1f s (status %s).",
                 report["wall_s"], report["status"])
