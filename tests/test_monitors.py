@@ -11,7 +11,7 @@ import pytest
 
 from grpo_llm_eval.cli import main
 from grpo_llm_eval.config.load import ConfigError, load_config
-from grpo_llm_eval.evaluation.monitors import JudgeMonitor
+from grpo_llm_eval.evaluation.monitors import JudgeMonitor, step_points
 from grpo_llm_eval.testing.teacher_server import TeacherServer
 from grpo_llm_eval.training.records import read_jsonl
 from tests.conftest import tiny_overrides
@@ -82,6 +82,28 @@ class TestJudgeMonitor:
             _, alarms = monitor.observe(step, points(right, 8 - right, 10, 0, reward=5.0))
             assert alarms == []
 
+    def test_a_restored_monitor_raises_what_the_uninterrupted_one_raises(self):
+        def rows(step, n_right, n_wrong, right_score, wrong_score):
+            return [{"step": step, "judge_status": "ok", "teacher_reward": 1.0, "completion": "x" * (5 + i),
+                     "scores": {"answer": s}, "answer_correct": y}
+                    for i, (s, y) in enumerate([(right_score, True)] * n_right + [(wrong_score, False)] * n_wrong)]
+
+        history = [rows(1, 4, 4, 10, 0), rows(2, 4, 4, 0, 10), rows(3, 4, 4, 0, 10)]
+        uninterrupted = JudgeMonitor(0.6, 3)
+        for step, batch in enumerate(history, 1):
+            _, alarms = uninterrupted.observe(step, step_points(batch, "answer"))
+        assert [a.kind for a in alarms] == ["judge_disagrees"]
+        resumed = JudgeMonitor(0.6, 3)  # resumed from a checkpoint at step 2: step 3's rows were cut away
+        resumed.restore([r for batch in history for r in batch], [], upto_step=2)
+        _, again = resumed.observe(3, step_points(history[2], "answer"))
+        assert [a.kind for a in again] == ["judge_disagrees"] and again[0].message == alarms[0].message
+        fresh = JudgeMonitor(0.6, 3)  # what a resume did before: an empty window, so no alarm
+        assert fresh.observe(3, step_points(history[2], "answer"))[1] == []
+        raised = JudgeMonitor(0.6, 3)  # an alarm recorded before the checkpoint is not raised a second time
+        raised.restore([r for batch in history for r in batch],
+                       [{"event": "judge_alarm", "alarm": "judge_disagrees", "step": 2}], upto_step=2)
+        assert raised.observe(3, step_points(history[2], "answer"))[1] == []
+
 
 @pytest.fixture(scope="module")
 def digit_data(tmp_path_factory):
@@ -135,3 +157,21 @@ class TestTeacherTurnsInvertedMidRun:
         run = tmp_path / "run"
         assert (run / f"checkpoint-{step}").is_dir() and not (run / "final").exists()
         assert max(r["step"] for r in read_jsonl(run / "rollouts.jsonl")) == step
+
+    def test_a_resumed_run_keeps_the_window_and_raises_where_the_uninterrupted_run_would(self, digit_model, digit_data,
+                                                                                          tmp_path):
+        """Would have caught: the window restarted empty on resume, so an alarm due at the first step after the
+        checkpoint came a whole window later (or never, in a run resumed often)."""
+        overrides = tiny_overrides(digit_model, tmp_path, dataset_name=digit_data, max_new_tokens=1,
+                                   learning_rate=1e-7, total_steps=1, save_steps=100, judge_ahead_steps=0,
+                                   teacher_cache=False, monitor_window=WINDOW)
+        run = tmp_path / "run"
+        with TeacherServer(mode="inverted") as srv:
+            sets = [*overrides, f"openai_base_url={srv.base_url}"]
+            assert main(["train", *sum((["--set", o] for o in sets), [])]) == 0
+        assert not [m for m in read_jsonl(run / "metrics.jsonl") if m.get("event") == "judge_alarm"]
+        with TeacherServer(mode="inverted") as srv:
+            assert main(["train", "--resume", str(run), "--set", "total_steps=2",
+                         "--set", f"openai_base_url={srv.base_url}"]) == 0
+        events = [m for m in read_jsonl(run / "metrics.jsonl") if m.get("event") == "judge_alarm"]
+        assert [(e["alarm"], e["step"]) for e in events] == [("judge_disagrees", WINDOW)]

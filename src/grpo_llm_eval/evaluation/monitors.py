@@ -14,6 +14,10 @@ reward with completion length). Over the last `monitor_window` steps two alarms 
 An alarm is logged as a warning and written to metrics.jsonl (`{"event": "judge_alarm", ...}`); with
 `on_judge_alarm: stop` the run saves a checkpoint and ends with a non-zero exit (train.py raises
 TrainingAborted with the alarm's line). `calibrate` measures the same agreement before training.
+
+A resumed run picks the window up where the checkpoint left it: the window is rebuilt from the graded steps in
+rollouts.jsonl (cut back to the checkpoint's step by the resume) and an alarm recorded in metrics.jsonl is not
+raised again, so the alarms of an interrupted run are those of the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 from transformers import TrainerCallback
 
@@ -83,6 +88,21 @@ class JudgeMonitor:
         self.steps.append((step, points))
         return metrics, [a for a in (self._auc_alarm(step), self._hacking_alarm(step)) if a is not None]
 
+    def restore(self, rollouts: list[dict], events: list[dict], upto_step: int) -> None:
+        """The state an uninterrupted run had after UPTO_STEP: the window from ROLLOUTS (rollouts.jsonl rows), the
+        alarms already raised from EVENTS (metrics.jsonl rows)."""
+        by_step: dict[int, list[dict]] = {}
+        for row in rollouts:
+            if isinstance(row.get("step"), int) and row["step"] <= upto_step:
+                by_step.setdefault(row["step"], []).append(row)
+        self.steps.clear()
+        for step in sorted(by_step):
+            points = step_points(by_step[step], self.answer_criterion)
+            if points:  # observe() keeps only steps with graded completions
+                self.steps.append((step, points))
+        self.raised = {e["alarm"] for e in events if e.get("event") == "judge_alarm" and isinstance(e.get("step"), int)
+                       and e["step"] <= upto_step and isinstance(e.get("alarm"), str)}
+
     def _raise(self, kind: str, step: int, message: str, value: float) -> Alarm | None:
         if kind in self.raised:
             return None
@@ -118,12 +138,33 @@ class JudgeMonitor:
 class JudgeMonitorCallback(TrainerCallback):
     """Runs JudgeMonitor on each new generation batch; warns, records and (on_judge_alarm: stop) stops."""
 
-    def __init__(self, trainer, cfg, rubric, records):
+    def __init__(self, trainer, cfg, rubric, records, run_dir=None):
         names = [c.name for c in rubric.criteria]
-        self.trainer, self.cfg, self.records = trainer, cfg, records
+        self.trainer, self.cfg, self.records, self.run_dir = trainer, cfg, records, run_dir
         self.monitor = JudgeMonitor(cfg.monitor_min_auc, cfg.monitor_window, "answer" if "answer" in names else None)
         self.tripped: Alarm | None = None
         self._seen = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step <= 0 or self.run_dir is None:
+            return
+        # Resumed: rebuild the window. The main process reads the records (only it writes them, and on several
+        # machines only its disk has them); every process gets the same state, so all decide alike.
+        from grpo_llm_eval.training.records import read_jsonl
+
+        accelerator = self.trainer.accelerator
+        payload = [None]
+        if accelerator.is_main_process:
+            payload = [(read_jsonl(Path(self.run_dir) / "rollouts.jsonl"), read_jsonl(Path(self.run_dir) / "metrics.jsonl"))]
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            payload = broadcast_object_list(payload)
+        rollouts, events = payload[0]
+        self.monitor.restore(rollouts, [e for e in events if e.get("event") == "judge_alarm"], state.global_step)
+        logger.info("judge monitors resumed at step %d with %d graded steps in the window%s", state.global_step,
+                    len(self.monitor.steps), f"; already raised: {', '.join(sorted(self.monitor.raised))}"
+                    if self.monitor.raised else "")
 
     def on_step_end(self, args, state, control, **kwargs):
         batch = self.trainer.recorder.last_batch

@@ -219,7 +219,7 @@ def _attach_callbacks(trainer, cfg, rubric, teacher, recorder, out: Path, is_mai
     records = RecordsCallback(recorder, out, is_main)
     trainer.add_callback(records)
     trainer.add_callback(guard)
-    monitor = JudgeMonitorCallback(trainer, cfg, rubric, records) if teacher is not None else None
+    monitor = JudgeMonitorCallback(trainer, cfg, rubric, records, out) if teacher is not None else None
     if monitor is not None:
         trainer.add_callback(monitor)
     if cfg.max_train_minutes > 0:
