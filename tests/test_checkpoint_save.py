@@ -54,6 +54,61 @@ def test_a_save_out_of_room_is_a_clear_error_and_leaves_no_partial_folder(tmp_pa
     assert result["exists"] is False, "the partial checkpoint must not stay where a resume could pick it"
 
 
+FINAL_CHILD = r"""
+import json, resource, signal, sys, types
+from pathlib import Path
+import torch
+from safetensors.torch import save_file
+from grpo_llm_eval.training import checkpoints, train
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+out, size = Path(sys.argv[1]), int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+class Accelerator:  # one process: what save_final asks of accelerate's
+    is_main_process = True
+    def wait_for_everyone(self):
+        pass
+
+class Tokenizer:
+    def save_pretrained(self, folder):
+        (Path(folder) / "tokenizer.json").write_text("{}")
+
+def save_model(folder):  # a stand-in for Trainer.save_model: writes SIZE floats of weights
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    save_file({"w": torch.zeros(size)}, str(Path(folder) / "model.safetensors"))
+
+trainer = types.SimpleNamespace(accelerator=Accelerator(), processing_class=Tokenizer(), save_model=save_model)
+cfg = types.SimpleNamespace(lora=types.SimpleNamespace(enabled=False, merge_on_save=False))
+try:
+    train.save_final(trainer, cfg, out)
+    print(json.dumps({"error": None}))
+except checkpoints.SaveError as exc:
+    print(json.dumps({"error": str(exc)}))
+"""
+
+
+def _save_final_in_child(out, floats: int) -> str | None:
+    done = subprocess.run([sys.executable, "-c", FINAL_CHILD, str(out), str(floats)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])["error"]
+
+
+def test_a_final_save_out_of_room_leaves_the_earlier_final_whole(tmp_path):
+    """Would have caught: final/ was written in place, so a full disk during a resumed run's final save deleted
+    the final/ of the run it resumed (the partial folder is removed), and a crash left a half-written one."""
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "model.safetensors").write_bytes(b"earlier weights")
+    error = _save_final_in_child(tmp_path, 1_000_000)  # 4 MB > the 1 MiB limit
+    assert error is not None and "the final model" in error and checkpoints.FINAL_STAGING in error
+    assert (tmp_path / "final" / "model.safetensors").read_bytes() == b"earlier weights"
+    assert not (tmp_path / checkpoints.FINAL_STAGING).exists()
+    assert _save_final_in_child(tmp_path, 1000) is None  # room enough: the new final/ replaces the earlier one
+    assert (tmp_path / "final" / "model.safetensors").stat().st_size > 1000 and (tmp_path / "final" / "tokenizer.json").is_file()
+    assert not (tmp_path / checkpoints.FINAL_STAGING).exists() and not (tmp_path / "final.old").exists()
+
+
 def test_other_errors_pass_through_and_keep_the_folder(tmp_path):
     folder = tmp_path / "final"
     with pytest.raises(PermissionError):

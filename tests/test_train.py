@@ -32,6 +32,7 @@ class TestTwoStepRun:
         assert result.global_step == 2
         assert {p.name for p in out.iterdir()} >= {"config.yaml", "rollouts.jsonl", "metrics.jsonl", "checkpoint-1",
                                                      "checkpoint-2", "final"}
+        assert not (out / "final.partial").exists() and not (out / "final.old").exists()
         saved = yaml.safe_load((out / "config.yaml").read_text())
         assert saved["total_steps"] == 2
         for path in out.rglob("*"):

@@ -22,6 +22,7 @@ from grpo_llm_eval.training.records import dumps
 logger = logging.getLogger(__name__)
 
 STAGING = ".checkpoint-staging"
+FINAL_STAGING = "final.partial"  # final/ is written here, then renamed into place
 STATE_FILE = "grpo_llm_eval_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 

@@ -261,15 +261,27 @@ def _raise_if_stopped(trainer, cfg, out: Path, stopper, guard, monitor) -> None:
 
 
 def save_final(trainer, cfg, out: Path) -> Path | None:
-    """final/ loads with from_pretrained (the adapter with LoRA; plus final/merged/ when asked)."""
-    final = out / "final"
-    with checkpoints.saving(final, "the final model", out):
-        trainer.save_model(str(final))
-        if trainer.accelerator.is_main_process:
-            trainer.processing_class.save_pretrained(str(final))
+    """final/ loads with from_pretrained (the adapter with LoRA; plus final/merged/ when asked).
+
+    Written to final.partial/ and published by a rename (checkpoints.publish), so a crash or a full disk during
+    the save never leaves a half-written final/, and a resumed run's earlier final/ stays whole until the new one is.
+    """
+    final, staged = out / "final", out / checkpoints.FINAL_STAGING
+    main = trainer.accelerator.is_main_process
+    if main:
+        shutil.rmtree(staged, ignore_errors=True)  # a crashed save's leftovers
+    trainer.accelerator.wait_for_everyone()
+    with checkpoints.saving(staged, "the final model", out):
+        trainer.save_model(str(staged))
+        if main:
+            trainer.processing_class.save_pretrained(str(staged))
             if cfg.lora.enabled and cfg.lora.merge_on_save:
                 merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-                merged.save_pretrained(str(final / "merged"))
-                trainer.processing_class.save_pretrained(str(final / "merged"))
+                merged.save_pretrained(str(staged / "merged"))
+                trainer.processing_class.save_pretrained(str(staged / "merged"))
+    trainer.accelerator.wait_for_everyone()
+    if main:
+        with checkpoints.saving(staged, "the final model", out):
+            checkpoints.publish(staged, final)
     trainer.accelerator.wait_for_everyone()
     return final
