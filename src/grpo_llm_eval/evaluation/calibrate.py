@@ -48,6 +48,8 @@ MASTER_KEYS = (" ", ".", ",", ":", "Thought process:", "Let's solve this problem
 LENGTH_BIAS_FLAG = 0.3  # |within-class rank correlation| above this is reported as length bias
 CHANCE_AUC = 0.6  # an answer AUC below this is "near chance" (the monitors' default monitor_min_auc too)
 DISAGREEMENT_FLAG = 0.1  # repeated grades differing by more than a tenth of the scale on average
+# Share of groups whose ranking reverses with the order above which a group judge is called position-biased.
+POSITION_FLIP_FLAG = 0.2
 GRADE_CHUNK = 64  # responses per teacher batch: a progress line each (a local teacher grades about 3 a second)
 
 
@@ -180,6 +182,9 @@ def verdict(m: dict) -> str:
     if m["length_bias"] is not None and abs(m["length_bias"]) > LENGTH_BIAS_FLAG:
         findings.append((2, f"LENGTH BIAS: within a correctness class the teacher's reward follows length "
                             f"(rank correlation {m['length_bias']:+.2f})"))
+    if m.get("position_flip_rate") is not None and m["position_flip_rate"] > POSITION_FLIP_FLAG:
+        findings.append((2, f"POSITION BIAS: {m['position_flip_rate']:.0%} of groups change their ranking when the "
+                            "order of the responses is reversed"))
     if m["self_disagreement"] is not None and m["self_disagreement"] > DISAGREEMENT_FLAG:
         findings.append((1, f"INCONSISTENT: repeated grades differ by {m['self_disagreement']:.0%} of the scale"))
     failed = m.get("judge_failure_rate") or 0.0
