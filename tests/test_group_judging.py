@@ -59,6 +59,14 @@ class TestGroupCalls:
                    for j, a in zip(judgements, answers, strict=True) if a == "4")
         assert len({j.extra["call_id"] for j in judgements}) == 1 and judgements[0].extra["group_size"] == 8
 
+    def test_a_server_refusing_json_schema_gets_json_object_with_the_group_schema(self):
+        answers = ["4", "5", "4"]
+        with TeacherServer(mode="scripted", refuse_json_schema=True) as server:
+            judgements = judge_once(make_teacher(server.base_url, teacher_structured_output=True), group_of(answers))
+            responses = server.stats()["responses"]
+        assert responses == {"400": 1, "200": 1}
+        assert [j.scores["answer"] for j in judgements] == [10.0, 0.0, 10.0]
+
     def test_one_call_per_question_and_a_big_group_is_split(self):
         requests = group_of(["4"] * 3, "q1", "4") + group_of(["1"] * 2, "q2", "1") + group_of(["4", "5"] * 5, "q1", "4")
         with TeacherServer(mode="scripted") as server:
@@ -201,9 +209,10 @@ class TestConfig:
 
 class TestGroupTraining:
     def test_a_short_run_in_group_mode_trains_and_records_call_ids(self, tiny_model, tmp_path):
+        """Judging ahead (tiny_overrides' default) and SFT on feedback work in group mode too."""
         with TeacherServer(mode="scripted") as server:
             cfg = load_config(None, tiny_overrides(tiny_model, tmp_path, openai_base_url=server.base_url,
-                                                   judge_mode="group", group_judge_passes=2))
+                                                   judge_mode="group", group_judge_passes=2, sft_beta=0.1))
             result = train(cfg)
             calls = server.stats()["chat_requests"]
         rows = read_jsonl(result.run_dir / "rollouts.jsonl")
@@ -218,3 +227,5 @@ class TestGroupTraining:
         assert calls <= 2 * 2 * cfg.prompts_per_step
         metrics = [m for m in read_jsonl(result.run_dir / "metrics.jsonl") if "loss" in m]
         assert "judge/position_flip_rate" in metrics[0]
+        assert any(m.get("sft_tokens", 0) > 0 for m in metrics), "group feedback should give SFT examples"
+        assert all(r["feedback"].startswith("thought_process (") for r in rows)
