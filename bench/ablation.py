@@ -13,6 +13,7 @@ same number of minutes, one after the other (never two at once: they would share
     both_sft         ours, both + sft_beta=0.1 (SFT on the teacher's feedback)
     scripted_teacher ours, teacher rubric only, from a correct scripted teacher over the OpenAI API
                      (grpo_llm_eval.testing.teacher_server --mode scripted on loopback)
+    scripted_teacher_group  the same teacher with judge_mode: group (one call grades a prompt's 8 completions)
 
 Then `grpo_llm_eval evaluate` grades greedy answers to the first --limit test problems of every model
 (answer accuracy, Wilson 95% intervals, exact McNemar test against the base model, and `both` against
@@ -49,6 +50,8 @@ ARMS = {
     "scripted_teacher": ["teacher_backend=openai", "teacher_model_name=teacher", "verifier_answer_weight=0",
                          "max_feedback_new_tokens=512", "teacher_logprob_scores=false"],
 }
+ARMS["scripted_teacher_group"] = [*ARMS["scripted_teacher"], "judge_mode=group"]
+SCRIPTED = ("scripted_teacher", "scripted_teacher_group")
 PLAIN = ("plain_trl", "plain_trl_batch", "plain_trl_lr3e-5")
 DEFAULT_ARMS = [a for a in ARMS if a != "plain_trl_batch"]  # the README's 10-minute table; the 25-minute one adds it
 
@@ -78,7 +81,7 @@ def train_arm(name: str, out: Path, minutes: float, steps: int) -> None:
             "save_steps=100000", *ARMS[name]]
     server = None
     env = dict(os.environ)
-    if name == "scripted_teacher":
+    if name in SCRIPTED:
         port = free_port()
         server = subprocess.Popen([sys.executable, "-m", "grpo_llm_eval.testing.teacher_server", "--port", str(port),
                                    "--mode", "scripted"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -202,6 +205,21 @@ def main() -> int:
             lines.append(f"\nboth - {plain}: {d['diff']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}], "
                          f"p={d['p_value']:.2g} ({d['test']})")
             table[f"both_vs_{plain}"] = d
+    if all(n in names for n in SCRIPTED):  # group judging against pointwise, paired over the same problems
+        from grpo_llm_eval.evaluation.evaluate import summarize
+
+        rows = [json.loads(line) for line in (out / "eval" / "eval_rollouts.jsonl").read_text().splitlines() if line]
+        pair = [model_of(n, out) for n in SCRIPTED]
+        d = summarize(rows, pair, ["thought_process", "answer", "format"], 1, 42)["comparisons"][0]["metrics"]["answer_accuracy"]
+        lines.append(f"\nscripted_teacher_group - scripted_teacher: {d['diff']:+.2f} [{d['ci_low']:+.2f}, "
+                     f"{d['ci_high']:+.2f}], p={d['p_value']:.2g} ({d['test']})")
+        table["group_vs_pointwise"] = d
+        for n in SCRIPTED:  # teacher calls and tokens per arm, from metrics.jsonl
+            spend = [json.loads(line) for line in (out / n / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            calls = sum(r.get("judge/calls", 0) or 0 for r in spend)
+            tokens = sum((r.get("judge/prompt_tokens", 0) or 0) + (r.get("judge/completion_tokens", 0) or 0) for r in spend)
+            lines.append(f"{n}: {calls:.0f} teacher calls, {tokens:.0f} tokens over {runs[n][0]} steps")
+            table[n]["judge_calls"], table[n]["judge_tokens"] = calls, tokens
     if teacher:
         t = [m["metrics"]["teacher_reward"] for m in teacher["models"]]
         lines.append(f"\nMean 135M-teacher reward, base {fmt(t[0])} -> both {fmt(t[1])}")
