@@ -175,7 +175,8 @@ class LocalTeacher:
         kwargs: dict = dict(
             messages=self.rubric.messages(req.question, req.response, req.ground_truth, json_mode=structured,
                                            compact=True),
-            temperature=cfg.teacher_temperature, max_tokens=cfg.max_feedback_new_tokens, seed=cfg.seed,
+            # A seed per sample: with the run's seed alone, teacher_samples repeats would draw the same grade.
+            temperature=cfg.teacher_temperature, max_tokens=cfg.max_feedback_new_tokens, seed=cfg.seed + req.sample,
         )
         if structured:
             # Compact grades with a short explanation: a 135M model rambles until max_tokens otherwise.

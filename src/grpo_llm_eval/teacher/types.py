@@ -24,6 +24,7 @@ class JudgeRequest:
     question: str
     response: str
     ground_truth: str | None = None
+    sample: int = 0  # which of teacher_samples repeated grades this is (0: the first)
 
 
 @dataclass
