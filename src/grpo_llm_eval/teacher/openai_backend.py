@@ -12,7 +12,6 @@ import asyncio
 import logging
 import math
 import os
-import random
 import re
 import threading
 import time
@@ -23,18 +22,17 @@ import openai
 
 from grpo_llm_eval.teacher.gate import CallGate
 from grpo_llm_eval.teacher.grading import TruncationCheck, judgement_from_completion
+from grpo_llm_eval.teacher.group_grading import failed_group, group_judgements, split_usage
+from grpo_llm_eval.teacher.group_prompt import GroupPrompt
 from grpo_llm_eval.teacher.limits import AdaptiveConcurrency, process_count
-from grpo_llm_eval.teacher.transport import display_url, retry_after_seconds, split_credentials
-from grpo_llm_eval.teacher.types import Judgement, JudgeRequest, TeacherUnavailable
+from grpo_llm_eval.teacher.openai_failures import FailureHandling
+from grpo_llm_eval.teacher.transport import display_url, retry_after_seconds, split_credentials  # noqa: F401 (tests import it from here)
+from grpo_llm_eval.teacher.types import GroupCall, Judgement, JudgeRequest, TeacherUnavailable
 from grpo_llm_eval.teacher.usage import BudgetSpent, UsageMeter
 
 logger = logging.getLogger(__name__)
 
 TOP_LOGPROBS = 20
-# Statuses worth another attempt; anything else (a 400, a 404 model) will fail the same way again.
-_RETRY_CODES = frozenset({408, 409, 429})
-_MAX_RETRY_AFTER_S = 120.0  # a server asking for longer is treated as this, so a run cannot stall for hours
-_BACKOFF_CAP_S = 30.0
 # The health check's probe of what the server accepts (answered with one token).
 PROBE = JudgeRequest("What is 1 + 1?", "<think>1 + 1 = 2</think> 2", "2")
 
@@ -58,7 +56,7 @@ async def _close_at_loop_shutdown(client: openai.AsyncOpenAI):
         await client.close()
 
 
-class OpenAITeacher:
+class OpenAITeacher(FailureHandling):
     """Grades through an OpenAI-compatible chat completions endpoint; see the module doc.
 
     `stats` holds counters for metrics: calls, attempts, retries, ok, failures by status, latency_s_total,
@@ -69,6 +67,7 @@ class OpenAITeacher:
                  rate_window_s: float = 60.0):
         self.cfg = cfg
         self.rubric = rubric
+        self.group_prompt = GroupPrompt(rubric)
         self.model = cfg.teacher_model_name
         self.max_retries = cfg.teacher_max_retries
         # 0 means "no timeout", as config validation allows 0.
@@ -153,6 +152,16 @@ class OpenAITeacher:
         state = await self._state()
         return list(await asyncio.gather(*(self._judge_one(state, r) for r in requests)))
 
+    async def judge_group(self, calls: list[GroupCall]) -> list[list[Judgement]]:
+        """Grade each call's responses in ONE teacher call (``judge_mode: group``), the calls concurrently.
+
+        Per call, one Judgement per response in presentation order (see ``group_grading.group_judgements``); a
+        failed call fails each of its responses with its status. Retries and fallbacks as for ``judge``. The call
+        may write up to group size x max_feedback_new_tokens; scores are parsed (logprob scores are pointwise only).
+        """
+        state = await self._state()
+        return list(await asyncio.gather(*(self._judge_group_one(state, c) for c in calls)))
+
     async def health_check(self) -> None:
         """Fail fast with TeacherUnavailable if the server is unreachable or does not serve the model."""
         state = await self._state()
@@ -186,7 +195,8 @@ class OpenAITeacher:
             if not (structured or logprobs):
                 return
             try:
-                await self._send(state, PROBE, structured, logprobs, fmt, max_tokens=1)
+                messages, response_format = self._pointwise(PROBE, structured, fmt)
+                await self._send(state, messages, response_format, logprobs, max_tokens=1)
                 return
             except Exception as exc:  # anything but a refusal is the batch's business, not the probe's
                 if not self._fall_back(exc, structured, logprobs, fmt):
@@ -203,17 +213,64 @@ class OpenAITeacher:
 
     # ---- one request -----------------------------------------------------------------------------
     async def _judge_one(self, state: _LoopState, req: JudgeRequest) -> Judgement:
+        return await self._call(state, lambda structured, fmt: self._pointwise(req, structured, fmt),
+                                self.cfg.max_feedback_new_tokens, True, self._finish, self._failed)
+
+    async def _judge_group_one(self, state: _LoopState, call: GroupCall) -> list[Judgement]:
+        n, group, names = len(call.responses), self.group_prompt, self.rubric.names
+        max_tokens = n * self.cfg.max_feedback_new_tokens
+
+        def request_for(structured: bool, fmt: str) -> tuple[list[dict], dict | None]:
+            messages = group.messages(call.question, call.ground_truth, call.responses, json_mode=structured)
+            if not structured:
+                return messages, None
+            chars = max(1, self.rubric.explanation_chars_within(self.cfg.max_feedback_new_tokens))
+            return messages, (group.response_format(n) if fmt == "json_schema"
+                              else {"type": "json_object", "schema": group.json_schema(n, max_explanation_chars=chars)})
+
+        def finish(completion, _logprobs, start: float, attempts: int, _structured) -> list[Judgement]:
+            latency, usage = time.monotonic() - start, getattr(completion, "usage", None)
+            prompt, made = getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0
+            self._bump("prompt_tokens", prompt)
+            self._bump("completion_tokens", made)
+            if not completion.choices:
+                out = failed_group(call, names, "empty", "the teacher returned no choices", latency, attempts,
+                                   split_usage(attempts, prompt, made, n))
+            else:
+                choice = completion.choices[0]
+                out = group_judgements(group, call, choice.message.content, latency, attempts, prompt, made,
+                                       choice.finish_reason, max_tokens)
+            return [self._record(j) for j in out]
+
+        def fail(status: str, exc: Exception, start: float, attempts: int) -> list[Judgement]:
+            first = self._failed(status, exc, start, attempts)
+            out = failed_group(call, names, first.status, first.error, first.latency_s, attempts)
+            return [out[0], *(self._record(j) for j in out[1:])]
+
+        return await self._call(state, request_for, max_tokens, False, finish, fail)
+
+    def _pointwise(self, req: JudgeRequest, structured: bool, fmt: str) -> tuple[list[dict], dict | None]:
+        messages = self.rubric.messages(req.question, req.response, req.ground_truth, json_mode=structured)
+        if not structured:
+            return messages, None
+        return messages, (self.rubric.response_format() if fmt == "json_schema"
+                          else {"type": "json_object", "schema": self._grammar_schema()})
+
+    async def _call(self, state: _LoopState, request_for, max_tokens: int, logprobs_ok: bool, finish, fail):
+        """One teacher call with retries: `request_for(structured, fmt)` -> (messages, response_format), then
+        `finish(completion, logprobs, start, attempts, structured)` or `fail(status, exc, start, attempts)`."""
         start, attempts, retries = time.monotonic(), 0, 0
         self._bump("calls")
         while True:
-            structured, logprobs, fmt = self.structured, self.logprobs, self.structured_format
+            structured, logprobs, fmt = self.structured, self.logprobs and logprobs_ok, self.structured_format
             attempts += 1
             self._bump("attempts")
             try:
-                completion = await self._send(state, req, structured, logprobs, fmt)
-                return self._finish(completion, logprobs, start, attempts, structured)
+                messages, response_format = request_for(structured, fmt)
+                completion = await self._send(state, messages, response_format, logprobs, max_tokens)
+                return finish(completion, logprobs, start, attempts, structured)
             except BudgetSpent as exc:
-                return self._failed("budget_spent", exc, start, attempts)
+                return fail("budget_spent", exc, start, attempts)
             except Exception as exc:  # every failure becomes a status; CancelledError still propagates
                 if self._fall_back(exc, structured, logprobs, fmt):
                     continue  # a refused option is not the server's fault: retry plainly, free of charge
@@ -226,18 +283,16 @@ class OpenAITeacher:
                                  self._redact(str(exc), 120), retries, self.max_retries, delay)
                     await asyncio.sleep(delay)  # outside the concurrency slot, so other calls proceed
                     continue
-                return self._failed(status, exc, start, attempts)
+                return fail(status, exc, start, attempts)
 
-    async def _send(self, state: _LoopState, req: JudgeRequest, structured: bool, logprobs: bool, fmt: str,
-                    max_tokens: int | None = None):
+    async def _send(self, state: _LoopState, messages: list[dict], response_format: dict | None, logprobs: bool,
+                    max_tokens: int):
         """One request through the concurrency slot, the gate (budget, per-minute limits) and the usage meter."""
-        messages = self.rubric.messages(req.question, req.response, req.ground_truth, json_mode=structured)
-        max_tokens = max_tokens or self.cfg.max_feedback_new_tokens
         admitted = await state.slots.acquire()
         outcome, completion, ticket = "error", None, None
         try:
             ticket = await self._gate.enter(messages, max_tokens)
-            completion = await self._create(state.client, messages, structured, logprobs, fmt, max_tokens)
+            completion = await self._create(state.client, messages, response_format, logprobs, max_tokens)
             outcome = "ok"
             return completion
         except Exception as exc:
@@ -248,13 +303,12 @@ class OpenAITeacher:
                 self._gate.leave(ticket, getattr(completion, "usage", None))
             await state.slots.release(admitted, outcome)
 
-    async def _create(self, client: openai.AsyncOpenAI, messages: list[dict], structured: bool, logprobs: bool,
-                      fmt: str, max_tokens: int):
+    async def _create(self, client: openai.AsyncOpenAI, messages: list[dict], response_format: dict | None,
+                      logprobs: bool, max_tokens: int):
         kwargs = {"model": self.model, "temperature": self.cfg.teacher_temperature, "messages": messages,
                   self._max_tokens_param: max_tokens}
-        if structured:
-            kwargs["response_format"] = (self.rubric.response_format() if fmt == "json_schema"
-                                         else {"type": "json_object", "schema": self._grammar_schema()})
+        if response_format is not None:
+            kwargs["response_format"] = response_format
         if logprobs:
             kwargs.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
         call = client.chat.completions.create(**kwargs)
@@ -307,68 +361,3 @@ class OpenAITeacher:
                 failures = self.stats["failures"]
                 failures[judgement.status] = failures.get(judgement.status, 0) + 1
         return judgement
-
-    # ---- failure handling ------------------------------------------------------------------------
-    def _classify(self, exc: Exception) -> tuple[str, bool, float | None]:
-        """(status, retryable, server-requested wait in seconds)."""
-        if isinstance(exc, (openai.APITimeoutError, asyncio.TimeoutError, TimeoutError)):
-            return "timeout", True, None
-        if isinstance(exc, openai.APIConnectionError):
-            return "connection_error", True, None
-        if isinstance(exc, openai.APIStatusError):
-            code = exc.status_code
-            wait = retry_after_seconds(exc.response.headers) if code in (429, 503) else None
-            status = "rate_limited" if code == 429 else "http_error"
-            return status, code in _RETRY_CODES or code >= 500, wait
-        return "error", False, None
-
-    def _delay(self, retry: int, wait: float | None) -> float:
-        if wait is not None:
-            # Never earlier than asked; a little jitter on top so a crowd of callers does not return at once.
-            wait = min(wait, _MAX_RETRY_AFTER_S)
-            return wait + random.uniform(0.0, 0.1 * wait + 0.05)
-        backoff = min(_BACKOFF_CAP_S, self.backoff_base_s * 2 ** (retry - 1))
-        return backoff * random.uniform(0.5, 1.0)
-
-    def _fall_back(self, exc: Exception, structured: bool, logprobs: bool, fmt: str = "json_schema") -> bool:
-        """Switch off an option the server refused; True when the call should be re-sent.
-
-        A refusal is a 400/422 naming the option, or a 500 reporting a request "validation error" that names
-        it (llama-cpp-python's server answers a request it cannot validate with 500).
-        """
-        refused = isinstance(exc, (openai.BadRequestError, openai.UnprocessableEntityError)) or (
-            isinstance(exc, openai.InternalServerError) and "validation error" in str(exc).lower())
-        if not refused:
-            return False
-        text = str(exc).lower()
-        if "max_completion_tokens" in text and self._max_tokens_param == "max_tokens":
-            # Newer OpenAI models reject max_tokens and name its replacement.
-            logger.info("the teacher at %s wants max_completion_tokens instead of max_tokens; switching", self.url)
-            with self._lock:
-                self._max_tokens_param = "max_completion_tokens"
-            return True
-        if logprobs and "logprob" in text:
-            return self._switch_off("logprobs", "logprob scores (top_logprobs)", exc)
-        if structured and fmt == "json_schema" and ("response_format" in text or "json_schema" in text):
-            with self._lock:
-                first = self.structured_format == "json_schema"
-                self.structured_format = "json_object"
-            if first:
-                logger.info("the teacher at %s refused response_format json_schema; asking for json_object with "
-                            "the schema instead", self.url)
-            return True
-        if structured and any(w in text for w in ("response_format", "json_schema", "json_object", "structured",
-                                                  "guided", "not supported", "unsupported")):
-            return self._switch_off("structured", "structured output (response_format)", exc)
-        return False
-
-    def _switch_off(self, attr: str, what: str, exc: Exception) -> bool:
-        with self._lock:
-            first = getattr(self, attr)
-            setattr(self, attr, False)
-            if first:
-                self.stats["fallbacks"].append(attr)
-        if first:  # one warning per run, however many calls were refused at the same moment
-            logger.warning("the teacher at %s refused %s (%s); continuing without it for the rest of the run",
-                           self.url, what, self._redact(str(exc), 160))
-        return True

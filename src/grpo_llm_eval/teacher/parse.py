@@ -130,7 +130,8 @@ def score_value(text: str, lo: float, hi: float, start: int = 0) -> tuple[float 
     return value, span
 
 
-def _read_xml(text: str, start: int, end: int, criteria: Sequence[Criterion]) -> Block:
+def read_xml(text: str, start: int, end: int, criteria: Sequence[Criterion]) -> Block:
+    """The criteria's scores and explanations from the XML section ``text[start:end]`` (rules above)."""
     block = Block("xml", start, end)
     for c in criteria:
         close = _last(_tag(c.name, True), text, start, end)
@@ -159,7 +160,7 @@ def _find_xml(text: str, base: int, criteria: Sequence[Criterion]) -> Block | No
     opening = _last(_EVAL_OPEN, text, base, close.start())
     if opening is None:
         return None
-    block = _read_xml(text, opening.end(), close.start(), criteria)
+    block = read_xml(text, opening.end(), close.start(), criteria)
     block.start, block.end = opening.start(), close.end()
     return block
 
@@ -216,8 +217,10 @@ def _json_spans(text: str, start: int, end: int, names: set[str]) -> dict[str, t
     return spans
 
 
-def _find_json(text: str, base: int, criteria: Sequence[Criterion]) -> Block | None:
-    names = {c.name for c in criteria}
+def last_object(text: str, base: int, accept) -> tuple[int, int, dict] | None:
+    """The JSON object (a dict starting with ``{"`` at or after ``base``) that ``accept(obj)`` takes and that
+    ends last, as ``(start, end, obj)`` with absolute offsets; None if there is none. Bounded as the module
+    docstring says (the last candidates first, at most MAX_JSON_CANDIDATES, about MAX_JSON_WORK characters)."""
     # A decode error counts newlines up to its position, so decode a window, not the whole text; and
     # search the reversed window so that only the last candidates are ever visited.
     window = text[base:]
@@ -237,13 +240,15 @@ def _find_json(text: str, base: int, criteria: Sequence[Criterion]) -> Block | N
             work += len(window) - pos
             continue
         work += end - pos
-        if isinstance(obj, dict) and not names.isdisjoint(obj) and (best is None or end >= best[1]):
+        if isinstance(obj, dict) and accept(obj) and (best is None or end >= best[1]):
             best = (pos, end, obj)
-    if best is None:
-        return None
-    start, end, obj = best[0] + base, best[1] + base, best[2]
+    return None if best is None else (best[0] + base, best[1] + base, best[2])
+
+
+def read_object(obj: dict, criteria: Sequence[Criterion], start: int = 0, end: int = 0) -> Block:
+    """A grade's scores and explanations from a decoded JSON object (``{name: score}`` or
+    ``{name: {"score", "explanation"}}``); no spans."""
     block = Block("json", start, end)
-    spans = _json_spans(text, start, end, names)
     for c in criteria:
         value = obj.get(c.name)
         if isinstance(value, dict):
@@ -251,6 +256,18 @@ def _find_json(text: str, base: int, criteria: Sequence[Criterion]) -> Block | N
                 block.explanations[c.name] = value["explanation"].strip()
             value = value.get("score")
         block.scores[c.name] = _json_value(value, c)
+    return block
+
+
+def _find_json(text: str, base: int, criteria: Sequence[Criterion]) -> Block | None:
+    names = {c.name for c in criteria}
+    found = last_object(text, base, lambda obj: not names.isdisjoint(obj))
+    if found is None:
+        return None
+    start, end, obj = found
+    block = read_object(obj, criteria, start, end)
+    spans = _json_spans(text, start, end, names)
+    for c in criteria:
         if block.scores[c.name] is not None and c.name in spans:
             block.spans[c.name] = spans[c.name]
     return block

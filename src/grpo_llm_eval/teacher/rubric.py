@@ -163,6 +163,10 @@ class Rubric:
         fingerprint: they follow from the teacher model, which cache keys carry anyway."""
         self._control = _control_pattern([*CONTROL_STRINGS, *strings])
 
+    def fenced(self, tag: str, text: str, protected: re.Pattern | None = None) -> str:
+        """``fence`` with this rubric's control strings; ``protected`` widens the protected tags (group prompts)."""
+        return fence(tag, text, protected or self._protected, self._control)
+
     def _validate(self) -> None:
         if not self.criteria:
             raise ValueError("Rubric needs at least one criterion.")

@@ -9,8 +9,9 @@ from typing import Protocol
 STATUS_OK = "ok"
 # "truncated": the grade stopped at max_feedback_new_tokens before its scores were complete.
 # "budget_spent": the call was not sent because a teacher token or cost budget was spent.
+# "group_mismatch": a group grade's labels or count did not match the responses it was shown (judge_mode: group).
 STATUSES = ("ok", "http_error", "timeout", "rate_limited", "connection_error", "unparseable", "incomplete", "empty",
-            "truncated", "budget_spent", "error")
+            "truncated", "budget_spent", "error", "group_mismatch")
 
 
 class TeacherUnavailable(RuntimeError):
@@ -25,6 +26,20 @@ class JudgeRequest:
     response: str
     ground_truth: str | None = None
     sample: int = 0  # which of teacher_samples repeated grades this is (0: the first)
+
+
+@dataclass(frozen=True)
+class GroupCall:
+    """One teacher call that grades several responses to ONE question (``judge_mode: group``).
+
+    ``responses`` are in presentation order (already shuffled), labelled ``group_prompt.labels(len(responses))``;
+    ``call_id`` is recorded with every completion the call graded.
+    """
+
+    question: str
+    ground_truth: str | None
+    responses: tuple[str, ...]
+    call_id: str
 
 
 @dataclass

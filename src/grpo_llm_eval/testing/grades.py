@@ -25,9 +25,12 @@ import re
 import time
 from fractions import Fraction
 
+from grpo_llm_eval.testing.group_grades import GROUP_MODES, group_content, is_group_prompt
+
 SEED_CRITERIA = ("thought_process", "answer", "format")
 # What the server can be: honest, fixed scores, gullible to injections, or one of the bad judges of `mode_grade`.
-MODES = ("scripted", "fixed", "obedient", "inverted", "random", "length_loving", "master_key")
+# Group-only modes (`group_grades.GROUP_MODES`) grade a pointwise prompt as `scripted` does.
+MODES = ("scripted", "fixed", "obedient", "inverted", "random", "length_loving", "master_key", *GROUP_MODES)
 GARBAGE = "I am unable to follow the requested format. Here are some thoughts about the weather instead."
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 _TOKEN = re.compile(r"\d+|[A-Za-z_]+|\s+|[^\w\s]")
@@ -116,7 +119,10 @@ def mode_grade(mode: str, prompt: str, fixed_scores: dict[str, int] | None = Non
 
 def grade_content(mode: str, prompt: str, fixed_scores: dict[str, int] | None, response_format: dict,
                   draw: str = "") -> str:
-    """What a teacher in MODE writes for PROMPT: JSON when a JSON response_format is asked for, else XML."""
+    """What a teacher in MODE writes for PROMPT: JSON when a JSON response_format is asked for, else XML.
+    A group prompt (labelled responses) is answered in the group format (`group_grades`)."""
+    if is_group_prompt(prompt):
+        return group_content(mode, prompt, fixed_scores, response_format)
     if mode == "obedient":  # a gullible model writes what it was talked into, whatever the format asked
         return obedient_content(prompt)
     grade = mode_grade(mode, prompt, fixed_scores, draw)
@@ -170,6 +176,11 @@ def _fill(schema: dict, root: dict, grade: dict, crit: str | None = None, key: s
     return grade[crit][1] if crit else " ".join(e for _, e in grade.values())
 
 
+def fill_schema(schema: dict, grade: dict):
+    """An instance of SCHEMA whose score/explanation fields carry GRADE ({criterion: (score, explanation)})."""
+    return _fill(schema, schema, grade)
+
+
 def _json(grade: dict, response_format: dict) -> str:
     spec = response_format.get("json_schema") or {}
     schema = spec.get("schema") or response_format.get("schema")  # json_object with a schema: llama.cpp style
@@ -194,8 +205,6 @@ def _logprobs(tokens: list[str], top_n: int) -> list[dict]:
         entries = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in tops[:max(top_n, 1)]]
         out.append({**entries[0], "top_logprobs": entries[:top_n]})
     return out
-
-
 
 
 def tokens_of(content: str) -> list[str]:
