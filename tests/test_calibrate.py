@@ -13,7 +13,7 @@ import pytest
 from grpo_llm_eval.cli import main
 from grpo_llm_eval.config import SEED_EVALUATION_PROMPT
 from grpo_llm_eval.config.load import load_config
-from grpo_llm_eval.evaluation.calibrate import MASTER_KEYS, calibrate, measure
+from grpo_llm_eval.evaluation.calibrate import MASTER_KEYS, calibrate, measure, verdict
 from grpo_llm_eval.evaluation.report import build_report
 from grpo_llm_eval.teacher.rubric import Rubric
 from grpo_llm_eval.testing.teacher_server import TeacherServer
@@ -105,6 +105,21 @@ class TestAgainstScriptedTeachers:
             assert len(rows) == PROMPTS * SAMPLES + len(MASTER_KEYS), mode
             recomputed = measure(rows, Rubric.from_config(cfg), seed=cfg.seed)
             assert {k: recomputed[k] for k in TOP_KEYS} == {k: saved[k] for k in TOP_KEYS}, mode
+
+
+class TestGroupMode:
+    def test_position_biased_group_teacher_is_flagged_and_a_correct_one_is_not(self, responses, tmp_path):
+        found = {}
+        for mode in ("position_biased", "scripted"):
+            with TeacherServer(mode=mode) as server:
+                cfg = load_config(None, [*teacher_overrides(server), "judge_mode=group", "group_judge_passes=2"])
+                found[mode] = calibrate(cfg, tmp_path / mode, responses=responses)
+        biased, honest = found["position_biased"], found["scripted"]
+        assert biased["judge_mode"] == "group" and biased["position_flip_rate"] > 0.9
+        assert honest["position_flip_rate"] == 0.0 and honest["answer_auc"] == 1.0
+        assert honest["verdict"].startswith("OK:")
+        # the flip rate alone names the bias (the biased teacher's verdict names its worse finding: near chance)
+        assert verdict({**honest, "position_flip_rate": biased["position_flip_rate"]}).startswith("POSITION BIAS:")
 
 
 class TestMeasure:

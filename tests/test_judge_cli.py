@@ -49,6 +49,15 @@ class TestJudgeCommand:
         assert all({k: v for k, v in g.items() if k in r} == r for g, r in zip(graded, ROWS, strict=True))
         assert not (tmp_path / "graded.jsonl.partial").exists()
 
+    def test_group_mode_grades_each_question_in_one_call_and_records_the_call(self, tmp_path):
+        with TeacherServer(mode="scripted") as srv:
+            rc, out = judge(tmp_path, srv.base_url, judge_mode="group")
+            calls = srv.stats()["chat_requests"]
+        graded = {g["id"]: g for g in read_jsonl(out)}
+        assert rc == 0 and calls == 3  # three questions with responses; row 4 has none
+        assert all(graded[i]["scores"]["answer"] == (10.0 if right else 0.0) for i, right in RIGHT.items())
+        assert graded[1]["judge_call_id"] == graded[2]["judge_call_id"] != graded[3]["judge_call_id"]
+
     def test_right_and_wrong_answers_get_the_teachers_scores(self, tmp_path):
         with TeacherServer(mode="scripted") as srv:
             _, out = judge(tmp_path, srv.base_url)

@@ -22,6 +22,7 @@ import pytest
 from grpo_llm_eval.config import Config
 from grpo_llm_eval.config.load import load_config
 from grpo_llm_eval.models import bundled_gguf_path
+from grpo_llm_eval.teacher import build_teacher
 from grpo_llm_eval.teacher.openai_backend import OpenAITeacher
 from grpo_llm_eval.teacher.rubric import Rubric
 from grpo_llm_eval.teacher.types import JudgeRequest
@@ -159,6 +160,23 @@ class TestGradingThroughLlamaCppServer:
         assert teacher.logprobs  # the server accepted logprobs (no fallback)
         sources = [s for j in judgements for s in j.extra["score_source"].values()]
         assert "logprob" in sources and set(sources) <= {"logprob", "parsed"}
+
+
+class TestGroupJudgingThroughLlamaCppServer:
+    def test_a_group_of_four_is_graded_in_one_structured_call_all_ok(self, llama_server):
+        """judge_mode group with structured output: the group schema goes as json_object (a grammar fixes the
+        four labels), so the 135M teacher's one answer maps back to all four responses."""
+        cfg = Config(teacher_backend="openai", teacher_model_name=ALIAS, openai_base_url=llama_server,
+                     teacher_timeout_s=300, teacher_max_retries=1, teacher_structured_output=True,
+                     max_feedback_new_tokens=192, teacher_max_concurrency=2, judge_mode="group",
+                     num_return_sequences=4)
+        teacher = build_teacher(cfg, Rubric.from_config(cfg))
+        requests = [JudgeRequest("What is 12 + 30?", f"<think>12 + 30 = {v}</think> {v}", "42") for v in (42, 41, 42, 52)]
+        judgements = grade(teacher, requests)
+        assert_in_range(judgements)
+        assert teacher.backend.structured_format == "json_object"
+        assert teacher.usage.usage.calls == 2 + 1  # the health check's two probes, then one call for the group
+        assert len({j.extra["call_id"] for j in judgements}) == 1
 
 
 class TestTrainingWithLlamaCppTeacher:

@@ -154,6 +154,11 @@ class TeacherRubricReward:
         if live:
             out["judge/latency_mean_s"] = statistics.fmean(j.latency_s for j in live)
         out["judge/wall_s"] = self.last_judge_wall_s
+        # judge_mode group with two passes: the share of groups whose ranking the presentation order flipped.
+        flips = {j.extra["group_id"]: j.extra["position_flip"] for j in graded
+                 if j.extra.get("position_flip") is not None and "group_id" in j.extra}
+        if flips:
+            out["judge/position_flip_rate"] = sum(flips.values()) / len(flips)
         for c in self.rubric.criteria:
             vals = [j.scores.get(c.name) for j in graded if j.ok and j.scores.get(c.name) is not None]
             if vals:

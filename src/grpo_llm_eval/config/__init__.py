@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from grpo_llm_eval.teacher import BACKENDS
+from grpo_llm_eval.teacher import BACKENDS, JUDGE_MODES
 from grpo_llm_eval.teacher.rubric import SEED_EVALUATION_PROMPT
 
 SEED_SYSTEM_PROMPT = "Respond in the following format:\n<think>\n...\n</think>\n...\n$\\boxed{answer}$"
@@ -107,6 +107,8 @@ class Config:
     teacher_logprob_scores: bool = _f(False, "Score = probability-weighted mean over score tokens (openai: needs top_logprobs; local: JSON keys forced, no grammar decoding).")
     teacher_weight: float = _f(1.0, "Weight of the teacher's rubric reward among all rewards.", min=0.0)
     teacher_cache: bool = _f(True, "Answer repeated (model, rubric, prompt, response) from the run's cache.")
+    judge_mode: str = _f("pointwise", "How the teacher grades: pointwise (one call per completion) or group (one call grades a prompt's completions together, up to num_return_sequences a call, in a seeded shuffled order, each fenced; identical completions sent once). A group call may write up to its size x max_feedback_new_tokens. Logprob scores are pointwise only (openai).", choices=JUDGE_MODES)
+    group_judge_passes: int = _f(1, "judge_mode group: grade each group this many times (1 or 2). 2: the second pass shows the reversed order, scores are averaged per criterion (a completion is masked unless both passes graded it), and judge/position_flip_rate counts groups whose ranking the order changed.", min=1, max=2)
     judge_ahead_steps: int = _f(1, "Grade each batch in the background and train on it this many updates after sampling it, so judging overlaps training and generation (importance-corrected); 0: wait for the grades, as the seed.", min=0)
     # ---- verifiers ----------------------------------------------------------------------------
     verifier_answer_weight: float = _f(0.0, "Weight of the math-verify answer check (1 right, 0 wrong).", min=0.0)

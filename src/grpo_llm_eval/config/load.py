@@ -276,6 +276,9 @@ def validate(data: dict) -> Config:
             "drop the key). For faster rollouts use trl: {use_vllm: true} (README, 'Several GPUs or machines')."
         )
     _check_judge_ahead(cfg, problems)
+    if cfg.group_judge_passes > 1 and cfg.judge_mode != "group":
+        problems.append(f"group_judge_passes: {cfg.group_judge_passes} only applies to judge_mode group (judge_mode is "
+                        f"{cfg.judge_mode}); set judge_mode: group, or group_judge_passes: 1.")
     if cfg.teacher_max_cost_usd > 0 and not (cfg.teacher_price_input_per_mtok or cfg.teacher_price_output_per_mtok):
         problems.append(f"teacher_max_cost_usd: {cfg.teacher_max_cost_usd!r} but no price is set, so no cost is ever "
                         "counted; set teacher_price_input_per_mtok and teacher_price_output_per_mtok.")

@@ -15,7 +15,8 @@ verifier. Measured (keys of DIR/calibration.json; every row is in DIR/calibratio
   response's answer score, as a share of the scale. With `teacher_samples` > 1 it is read from the samples each
   grade already holds (the mean over every pair of them: for k = 2 the same number), with no extra calls;
   otherwise each response is graded once more without the cache. Null at temperature 0, with a reason.
-- `position_flip_rate`: group judging only; null with a reason in pointwise mode.
+- `position_flip_rate`: group judging with `group_judge_passes: 2` only: the share of groups whose ranking by
+  teacher reward flipped when the order was reversed; null with a reason otherwise.
 - `master_key_pass_rate`: the share of master-key responses (no answer at all, from "One Token to Fool
   LLM-as-a-Judge", arXiv 2507.08794) whose answer score is above the middle of the answer scale.
 - `verdict`: one line naming the worst finding.
@@ -49,6 +50,8 @@ MASTER_KEYS = (" ", ".", ",", ":", "Thought process:", "Let's solve this problem
 LENGTH_BIAS_FLAG = 0.3  # |within-class rank correlation| above this is reported as length bias
 CHANCE_AUC = 0.6  # an answer AUC below this is "near chance" (the monitors' default monitor_min_auc too)
 DISAGREEMENT_FLAG = 0.1  # repeated grades differing by more than a tenth of the scale on average
+# Share of groups whose ranking reverses with the order above which a group judge is called position-biased.
+POSITION_FLIP_FLAG = 0.2
 GRADE_CHUNK = 64  # responses per teacher batch: a progress line each (a local teacher grades about 3 a second)
 
 
@@ -129,8 +132,15 @@ def measure(rows: list[dict], rubric, seed: int = 0, judge_mode: str = "pointwis
         reasons["answer_auc"] = (f"the verifier found {result['n_right']} right and {result['n_wrong']} wrong "
                                  "graded responses; both are needed (raise --samples or --limit, or use a model "
                                  "that gets some answers right)")
-    if judge_mode != "group":
+    flips = {r["judge_group_id"]: r["position_flip"] for r in samples
+             if r.get("position_flip") is not None and r.get("judge_group_id")}
+    if flips:
+        result["position_flip_rate"] = sum(flips.values()) / len(flips)
+    elif judge_mode != "group":
         reasons["position_flip_rate"] = "pointwise judging grades one response at a time: there is no position"
+    else:
+        reasons["position_flip_rate"] = ("no group was graded in two orders with two comparable grades; set "
+                                         "group_judge_passes: 2")
     repeats = [grades for grades in (repeated_scores(r, criterion) for r in samples) if len(grades) >= 2]
     if repeats:
         scale = (high - low) if criterion else max(1e-9, max(abs(v) for p in repeats for v in p))
@@ -191,6 +201,9 @@ def verdict(m: dict) -> str:
     if m["length_bias"] is not None and abs(m["length_bias"]) > LENGTH_BIAS_FLAG:
         findings.append((2, f"LENGTH BIAS: within a correctness class the teacher's reward follows length "
                             f"(rank correlation {m['length_bias']:+.2f})"))
+    if m.get("position_flip_rate") is not None and m["position_flip_rate"] > POSITION_FLIP_FLAG:
+        findings.append((2, f"POSITION BIAS: {m['position_flip_rate']:.0%} of groups change their ranking when the "
+                            "order of the responses is reversed"))
     if m["self_disagreement"] is not None and m["self_disagreement"] > DISAGREEMENT_FLAG:
         findings.append((1, f"INCONSISTENT: repeated grades differ by {m['self_disagreement']:.0%} of the scale"))
     failed = m.get("judge_failure_rate") or 0.0
@@ -341,7 +354,7 @@ def calibrate(cfg, output: str | Path, model: str | None = None, limit: int = 0,
     writer.write_many(rows)
     writer.close()
     os.replace(tmp, out / ROLLOUTS_FILE)
-    result = measure(read_jsonl(out / ROLLOUTS_FILE), rubric, seed=cfg.seed)
+    result = measure(read_jsonl(out / ROLLOUTS_FILE), rubric, seed=cfg.seed, judge_mode=cfg.judge_mode)
     result.update(model=None if responses else model, responses=str(responses) if responses else None, split=split,
                   limit=limit, samples=None if responses else samples, teacher=cfg.teacher_model_name,
                   teacher_backend=cfg.teacher_backend, answer_roc=_roc(rows, criterion))

@@ -168,7 +168,9 @@ def grade_rows(cfg, rubric, judgements, questions, responses, truths) -> list[di
                      "feedback": j.feedback, "judge_status": j.status,
                      "teacher_reward": rubric.reward(j.scores) if j.ok else None,
                      "answer_correct": scored["answer_correct"], "format_correct": scored["format_correct"],
-                     "reward": scored["reward"], "judge_latency_s": j.latency_s, "cached": j.cached})
+                     "reward": scored["reward"], "judge_latency_s": j.latency_s, "cached": j.cached,
+                     "judge_call_id": j.extra.get("call_id"), "judge_group_id": j.extra.get("group_id"),
+                     "position_flip": j.extra.get("position_flip")})
     return rows
 
 

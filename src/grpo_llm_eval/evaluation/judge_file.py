@@ -63,7 +63,8 @@ def judge_file(cfg, input_path: str, output_path: str, batch_size: int = 64) -> 
                                    "answer_correct": answer_correct(str(_field(row, RESPONSE_KEYS)),
                                                                     None if truth is None else str(truth),
                                                                     cfg.think_close_string),
-                                   "judge_latency_s": j.latency_s, "judge_attempts": j.attempts})
+                                   "judge_latency_s": j.latency_s, "judge_attempts": j.attempts,
+                                   "judge_call_id": j.extra.get("call_id")})
                 writer.write_many(graded)
                 writer.sync()
                 written += len(graded)

@@ -77,7 +77,7 @@ def _feedback(scores: dict[str, float | None], explanations: dict[str, str], ove
         expl = explanations.get(name, "")
         if score is not None or expl:
             shown = "-" if score is None else f"{_num(score)}"
-            lines.append(f"{name} ({shown}): {expl}".rstrip(": ").rstrip())
+            lines.append(f"{name} ({shown}): {expl}" if expl else f"{name} ({shown})")
     if overall:
         lines.append(overall)
     return "\n".join(lines) or None

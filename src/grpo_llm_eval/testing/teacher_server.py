@@ -3,7 +3,9 @@
 Serves `GET /v1/models`, `POST /v1/chat/completions` (non-streaming) and `GET /stats`. Modes (what it
 writes: `grades.py`): `scripted`, a correct teacher (answer and thought_process 10 when the student's last
 number equals the ground truth's, else 0; format 10 with a think block); `fixed` scores; `obedient`, a
-gullible teacher; the bad judges `inverted`, `random`, `length_loving` and `master_key`. `switch_mode=(N, MODE)`
+gullible teacher; the bad judges `inverted`, `random`, `length_loving` and `master_key`. Group prompts
+(`judge_mode: group`) are answered in the group format (`group_grades.py`, with `position_biased`,
+`group_wrong_count` and `group_forged`). `switch_mode=(N, MODE)`
 turns it into MODE after N chat requests (a judge that goes wrong mid-run). Faults (`FAULT_KINDS`, opt-in `EXTRA_FAULTS`) come at `fault_rate` from a seeded RNG or
 in order (`fault_script`), changeable while serving (`set_faults`); `die_after=N` kills the server after N
 chat requests; `require_auth` answers 401 to requests without that Authorization header; `serial` grades

@@ -96,6 +96,8 @@ class RolloutRecorder:
                 "judge_attempts": None if j is None else j.attempts, "cached": None if j is None else j.cached,
                 # the teacher call's tokens attributed to this completion; a cached grade cost nothing
                 "judge_usage": None if j is None or j.cached else j.extra.get("usage"),
+                # the teacher call that graded it (judge_mode group: shared by its group; "a+b" with two passes)
+                "judge_call_id": None if j is None else j.extra.get("call_id"),
                 **row,
             })
 
