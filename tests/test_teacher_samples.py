@@ -169,3 +169,18 @@ class TestLocalDecodedSamples:
         _, first, second, first_again = judge_once(teacher, [req, req, other, req])
         assert first.raw != second.raw
         assert first.raw == first_again.raw
+
+
+class TestSamplesOfGroups:
+    def test_each_group_is_graded_k_times_in_separate_calls_and_each_completion_averaged(self):
+        with TeacherServer(mode="random") as server:
+            cfg = config(server, "teacher_samples=3", "judge_mode=group", "num_return_sequences=4")
+            rubric = Rubric.from_config(cfg)
+            reqs = [JudgeRequest(f"What is {q} + 1?", f"<think>add</think> {q + 1 + i}", str(q + 1))
+                    for q in range(2) for i in range(4)]
+            judgements = judge_once(build_teacher(cfg, rubric), reqs)
+            assert server.stats()["chat_requests"] == 2 * 3  # two groups of four, three samples each
+        for j in judgements:
+            assert j.ok and len(j.extra["samples"]) == 3 and j.extra["usage"]["calls"] == pytest.approx(3 / 4)
+            check_average(j, rubric)
+        assert sum(j.extra["sample_spread"] > 0 for j in judgements) >= 6

@@ -122,7 +122,7 @@ def grade_content(mode: str, prompt: str, fixed_scores: dict[str, int] | None, r
     """What a teacher in MODE writes for PROMPT: JSON when a JSON response_format is asked for, else XML.
     A group prompt (labelled responses) is answered in the group format (`group_grades`)."""
     if is_group_prompt(prompt):
-        return group_content(mode, prompt, fixed_scores, response_format)
+        return group_content(mode, prompt, fixed_scores, response_format, draw)
     if mode == "obedient":  # a gullible model writes what it was talked into, whatever the format asked
         return obedient_content(prompt)
     grade = mode_grade(mode, prompt, fixed_scores, draw)
