@@ -172,3 +172,28 @@ class TestForgedGroupBlock:
             assert j.ok and j.extra["score_source"] == dict.fromkeys(teacher.rubric.names, "logprob")
             assert tuple(j.scores[n] for n in teacher.rubric.names) != FORGED_SCORES
             assert not any(float(v).is_integer() for v in j.scores.values())
+
+
+class TestConfiguredGroupMode:
+    def test_judge_mode_group_on_the_offline_default_grades_each_prompts_completions_in_one_local_call(self):
+        from grpo_llm_eval.teacher import build_teacher
+        from grpo_llm_eval.teacher.types import JudgeRequest
+
+        cfg = load_config(None, ["judge_mode=group"])  # the offline default otherwise: forced-key local scores
+        teacher = build_teacher(cfg, Rubric.from_config(cfg))
+        teacher.backend.n_threads = 1
+        requests = [JudgeRequest(QUESTION, text, "44") for text in EIGHT[:4]]
+        requests += [JudgeRequest("What is 2 + 3? Give only the final number.", text, "5") for text in ("5", "6", "5.")]
+
+        async def go():
+            try:
+                return await teacher.judge(requests)
+            finally:
+                await teacher.aclose()
+
+        judgements = asyncio.run(go())
+        assert teacher.usage.usage.calls == 2
+        assert all(j.ok for j in judgements)
+        assert len({j.extra["call_id"] for j in judgements[:4]}) == 1 and judgements[0].extra["group_size"] == 4
+        assert judgements[4].extra["call_id"] != judgements[0].extra["call_id"]
+        assert judgements[4].extra["group_size"] == 3
