@@ -178,6 +178,28 @@ class TestGroupJudgingThroughLlamaCppServer:
         assert teacher.usage.usage.calls == 2 + 1  # the health check's two probes, then one call for the group
         assert len({j.extra["call_id"] for j in judgements}) == 1
 
+    def test_groups_of_eight_bundled_problems_are_at_least_90_percent_ok(self, llama_server):
+        """The offline default's group size (8) on bundled arithmetic problems, right and wrong answers with and
+        without working: one structured call per group, and at least 90% of the grades ok (#18). Measured: 32 of
+        32 ok on a 2-core AMD EPYC machine."""
+        from grpo_llm_eval.data.bundled import read_bundled
+
+        cfg = Config(teacher_backend="openai", teacher_model_name=ALIAS, openai_base_url=llama_server,
+                     teacher_timeout_s=600, teacher_max_retries=1, teacher_structured_output=True,
+                     max_feedback_new_tokens=64, teacher_max_concurrency=2, judge_mode="group",
+                     num_return_sequences=8, teacher_cache=False)
+        teacher = build_teacher(cfg, Rubric.from_config(cfg))
+        requests = []
+        for row in read_bundled("arithmetic", "test")[:4]:
+            truth = int(float(row["answer"]))
+            requests += [JudgeRequest(row["question"], text, row["answer"]) for a in (truth, truth + 1)
+                         for text in (str(a), f"{a}.", f"The answer is {a}.", f"<think>I work it out.</think> {a}")]
+        judgements = grade(teacher, requests)
+        assert teacher.usage.usage.calls == 2 + 4  # the health check's two probes, then one call per group
+        ok = sum(j.ok for j in judgements)
+        assert ok >= 0.9 * len(judgements), [(j.status, j.error) for j in judgements if not j.ok]
+        assert all(0.0 <= v <= 10.0 for j in judgements if j.ok for v in j.scores.values())
+
 
 class TestTrainingWithLlamaCppTeacher:
     def test_one_training_step_graded_by_the_server(self, tiny_model, llama_server, tmp_path):

@@ -164,6 +164,9 @@ class TeacherRubricReward:
             if vals:
                 out[f"criteria/{c.name}/mean"] = statistics.fmean(vals)
                 out[f"criteria/{c.name}/std"] = statistics.pstdev(vals)
+        spreads = [j.extra["sample_spread"] for j in graded if j.extra.get("sample_spread") is not None]
+        if spreads:  # teacher_samples > 1: how far one grade of the teacher strays from another
+            out["judge/sample_spread"] = statistics.fmean(spreads)
         teacher = [r["teacher_reward"] for r in rows if r["teacher_reward"] is not None]
         if teacher:
             out["teacher_reward/mean"] = statistics.fmean(teacher)

@@ -92,6 +92,7 @@ class Config:
     format_weight: float = _f(0.03, "Weight of the format score (seed rubric).", min=0.0)
     max_feedback_new_tokens: int = _f(512, "Max tokens of a teacher grade; a grade cut off by it is recorded 'truncated'. Where grades are decoded (openai; local without teacher_logprob_scores) it must hold a whole grade, else a config error.", min=1)
     teacher_temperature: float = _f(0.0, "Teacher sampling temperature.", min=0.0)
+    teacher_samples: int = _f(1, "Grade each completion (or group) this many times at teacher_temperature (> 0) and average each criterion; judge/sample_spread reports the spread of the rubric reward between the samples. Each sample is a teacher call of its own.", min=1)
     teacher_timeout_s: float = _f(120.0, "Timeout of one teacher call, seconds.", min=0.0)
     teacher_max_retries: int = _f(3, "Retries of a failed teacher call (backoff honours Retry-After).", min=0)
     teacher_max_concurrency: int = _f(32, "Teacher calls in flight at once across the whole batch (split evenly across processes under accelerate).", min=1)

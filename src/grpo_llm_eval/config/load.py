@@ -185,6 +185,30 @@ def _check_grade_room(cfg: Config, problems: list[str]) -> None:
             f"least {fewest} tokens (about {typical}, before explanations and thinking); raise it, e.g. to 512. "
             "(Only the local backend's forced-key scores, teacher_logprob_scores: true, get by with a few tokens.)")
 
+def _check_samples(cfg: Config, problems: list[str], criteria_ok: bool) -> None:
+    """Refuse teacher_samples > 1 where the repeats would be the same grade: k times the calls for nothing.
+    CRITERIA_OK: the criteria passed their checks, so the rubric can be built."""
+    if cfg.teacher_samples <= 1:
+        return
+    from grpo_llm_eval.teacher.local_scores import forced_scale
+    from grpo_llm_eval.teacher.rubric import Rubric
+
+    if cfg.teacher_temperature == 0:
+        problems.append(
+            f"teacher_samples: {cfg.teacher_samples} with teacher_temperature: 0: every sample would be the same "
+            "grade, at teacher_samples times the calls; set teacher_temperature above 0 (e.g. 0.7), or "
+            "teacher_samples: 1.")
+    elif (criteria_ok and cfg.teacher_backend == "local" and cfg.teacher_logprob_scores
+          and all(forced_scale(c) is not None for c in Rubric.from_config(cfg).criteria)):
+        # An error, not a warning: the forced-key scorer reads digit probabilities and decodes its explanation
+        # greedily, so teacher_temperature never reaches it and the k grades are identical by construction.
+        problems.append(
+            f"teacher_samples: {cfg.teacher_samples} with the local backend's forced-key scores "
+            "(teacher_logprob_scores: true): they read probabilities and ignore teacher_temperature, so every "
+            "sample would be the same grade; set teacher_samples: 1 (the probability-weighted score is already "
+            "an average over the teacher's choices), or teacher_logprob_scores: false to sample decoded grades.")
+
+
 def _check_judge_ahead(cfg: Config, problems: list[str]) -> None:
     """Judging ahead is exact only when one generation batch is one optimizer update, trained once, with the
     same log-probs at sampling and training time (see judge_ahead.py); refuse the settings where it is not."""
@@ -241,8 +265,10 @@ def validate(data: dict) -> Config:
             f"{cfg.max_new_tokens} (training keeps prompts of at most max_seq_length - max_new_tokens = "
             f"{cfg.max_seq_length - cfg.max_new_tokens} tokens); raise max_seq_length above max_new_tokens plus "
             f"your prompts' length, e.g. {cfg.max_new_tokens + 512}.")
-    if not problems:  # the rubric is built from checked criteria
+    criteria_ok = not problems  # the rubric is built from checked criteria
+    if criteria_ok:
         _check_grade_room(cfg, problems)
+    _check_samples(cfg, problems, criteria_ok)
     if cfg.use_unsloth:
         problems.append(
             "use_unsloth: true is not supported: the student is loaded with transformers (and peft for LoRA), and "

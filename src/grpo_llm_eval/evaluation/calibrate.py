@@ -11,8 +11,10 @@ verifier. Measured (keys of DIR/calibration.json; every row is in DIR/calibratio
 - `length_bias`: Spearman correlation of the teacher's reward with response length (characters) within each
   correctness class, averaged over the classes weighted by size: a judge that only tracks correctness scores
   0, one that rewards length within a class scores towards 1.
-- `self_disagreement` (teacher_temperature > 0): each response graded twice more without the cache; the
-  mean absolute difference of the two answer scores as a share of the scale. Null otherwise, with a reason.
+- `self_disagreement` (teacher_temperature > 0): the mean absolute difference between two grades of the same
+  response's answer score, as a share of the scale. With `teacher_samples` > 1 it is read from the samples each
+  grade already holds (the mean over every pair of them: for k = 2 the same number), with no extra calls;
+  otherwise each response is graded once more without the cache. Null at temperature 0, with a reason.
 - `position_flip_rate`: group judging with `group_judge_passes: 2` only: the share of groups whose ranking by
   teacher reward flipped when the order was reversed; null with a reason otherwise.
 - `master_key_pass_rate`: the share of master-key responses (no answer at all, from "One Token to Fool
@@ -139,11 +141,10 @@ def measure(rows: list[dict], rubric, seed: int = 0, judge_mode: str = "pointwis
     else:
         reasons["position_flip_rate"] = ("no group was graded in two orders with two comparable grades; set "
                                          "group_judge_passes: 2")
-    repeats = [(answer_score(r, criterion), r.get("repeat_answer_score")) for r in samples if "repeat_answer_score" in r]
-    repeats = [(a, b) for a, b in repeats if a is not None and b is not None]
+    repeats = [grades for grades in (repeated_scores(r, criterion) for r in samples) if len(grades) >= 2]
     if repeats:
         scale = (high - low) if criterion else max(1e-9, max(abs(v) for p in repeats for v in p))
-        result["self_disagreement"] = sum(abs(a - b) for a, b in repeats) / len(repeats) / scale
+        result["self_disagreement"] = sum(mean_pair_difference(p) for p in repeats) / len(repeats) / scale
     else:
         reasons["self_disagreement"] = "teacher_temperature is 0: a repeated grade is the same grade"
     graded_keys = [(r, answer_score(r, criterion)) for r in keys]
@@ -158,6 +159,24 @@ def measure(rows: list[dict], rubric, seed: int = 0, judge_mode: str = "pointwis
         reasons["master_key_pass_rate"] = "no master-key response was graded (every grade failed)"
     result["verdict"] = verdict(result)
     return result
+
+
+def repeated_scores(row: dict, criterion: str | None) -> list[float]:
+    """The answer scores of a row's repeated grades: its ok teacher_samples, else its grade and its repeat."""
+    if row.get("sample_answer_scores") is not None:
+        return [v for v in row["sample_answer_scores"] if v is not None]
+    pair = [answer_score(row, criterion), row.get("repeat_answer_score")] if "repeat_answer_score" in row else []
+    return pair if None not in pair else []
+
+
+def mean_pair_difference(values: list[float]) -> float:
+    """Mean absolute difference over every pair of VALUES.
+
+    >>> mean_pair_difference([0.0, 2.0, 4.0])
+    2.6666666666666665
+    """
+    diffs = [abs(a - b) for i, a in enumerate(values) for b in values[i + 1:]]
+    return sum(diffs) / len(diffs)
 
 
 def _midrange(values) -> float | None:
@@ -278,8 +297,17 @@ def _grade(loop, teacher, cfg, rubric, items: list[dict]) -> list[dict]:
         judgements += loop.run_until_complete(teacher.judge(requests[first:first + GRADE_CHUNK]))
         logger.info("graded %d/%d responses (%.0f s)", len(judgements), len(requests),
                     time.perf_counter() - start)
-    return ev.grade_rows(cfg, rubric, judgements, [it["question"] for it in items], [it["response"] for it in items],
+    rows = ev.grade_rows(cfg, rubric, judgements, [it["question"] for it in items], [it["response"] for it in items],
                          [it["ground_truth"] for it in items])
+    criterion = answer_scale(rubric)[0]
+    for row, j in zip(rows, judgements, strict=True):
+        if "samples" in j.extra:  # teacher_samples > 1: each ok sample's answer score, for self_disagreement
+            row["sample_answer_scores"] = [
+                answer_score({"judge_status": s["status"], "scores": s["scores"],
+                              "teacher_reward": rubric.reward(s["scores"]) if s["status"] == "ok" else None},
+                             criterion)
+                for s in j.extra["samples"] if s["status"] == "ok"]
+    return rows
 
 
 def calibrate(cfg, output: str | Path, model: str | None = None, limit: int = 0, samples: int = 4,
@@ -300,7 +328,9 @@ def calibrate(cfg, output: str | Path, model: str | None = None, limit: int = 0,
     rubric = Rubric.from_config(cfg)
     criterion = answer_scale(rubric)[0]
     teacher = build_teacher(cfg, rubric, cache_path=out / "judgements.sqlite")
-    repeat = build_teacher(cfg, rubric, cache_path=None) if cfg.teacher_temperature > 0 else None
+    # teacher_samples > 1 grades each response several times already: its samples give self_disagreement.
+    repeat = (build_teacher(cfg, rubric, cache_path=None)
+              if cfg.teacher_temperature > 0 and cfg.teacher_samples == 1 else None)
     loop = asyncio.new_event_loop()  # one loop for every call: the teacher's client is bound to its loop
     try:
         loop.run_until_complete(teacher.health_check())

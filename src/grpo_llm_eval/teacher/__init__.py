@@ -12,7 +12,17 @@ JUDGE_MODES = ("pointwise", "group")
 
 def build_teacher(cfg, rubric, cache_path: Path | None = None):
     """The configured backend, wrapped in the persistent judgement cache when `cache_path` is given; with
-    `judge_mode: group`, wrapped in a GroupTeacher (one call per group; it keeps the cache itself)."""
+    `judge_mode: group`, wrapped in a GroupTeacher (one call per group; it keeps the cache itself); outermost, in
+    `samples.SampledTeacher` when `teacher_samples` > 1 (it asks the teachers inside for each repeat apart)."""
+    teacher = _build_inner(cfg, rubric, cache_path)
+    if cfg.teacher_samples > 1:
+        from grpo_llm_eval.teacher.samples import SampledTeacher
+
+        teacher = SampledTeacher(teacher, cfg.teacher_samples, rubric)
+    return teacher
+
+
+def _build_inner(cfg, rubric, cache_path: Path | None):
     if cfg.teacher_backend == "openai":
         from grpo_llm_eval.teacher.openai_backend import OpenAITeacher
 

@@ -32,6 +32,8 @@ _SCHEMA = "CREATE TABLE IF NOT EXISTS judgements (key TEXT PRIMARY KEY, value TE
 def cache_key(model_name: str, fingerprint: str, flags: dict, request: JudgeRequest) -> str:
     """sha256 over everything that shapes a grade; `flags` are options such as structured output."""
     payload = [model_name, fingerprint, sorted(flags.items()), request.question, request.response, request.ground_truth]
+    if request.sample:  # only when nonzero, so the keys of caches written before teacher_samples stay valid
+        payload.append(request.sample)
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
 
 

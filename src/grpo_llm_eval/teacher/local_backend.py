@@ -16,11 +16,14 @@ import threading
 import time
 from pathlib import Path
 
+from grpo_llm_eval.teacher import local_group
 from grpo_llm_eval.teacher.grading import TruncationCheck, judgement_from_completion
+from grpo_llm_eval.teacher.group_grading import failed_group
+from grpo_llm_eval.teacher.group_prompt import GroupPrompt
 from grpo_llm_eval.teacher.limits import process_count
 from grpo_llm_eval.teacher.local_scores import ForcedScorer
 from grpo_llm_eval.teacher.probe import check_in_child
-from grpo_llm_eval.teacher.types import Judgement, JudgeRequest, TeacherUnavailable
+from grpo_llm_eval.teacher.types import GroupCall, Judgement, JudgeRequest, TeacherUnavailable
 from grpo_llm_eval.teacher.usage import BudgetSpent, UsageMeter
 
 logger = logging.getLogger(__name__)
@@ -96,6 +99,7 @@ class LocalTeacher:
     def __init__(self, cfg, rubric, n_ctx: int = 4096, n_threads: int | None = None, verbose: bool = False):
         self.cfg = cfg
         self.rubric = rubric
+        self.group_prompt = GroupPrompt(rubric)  # judge_mode: group (teacher/local_group.py)
         self.path = resolve_gguf(cfg.teacher_model_name)
         self.n_ctx = n_ctx
         self.verbose = verbose  # llama.cpp's own load and timing log on stderr
@@ -148,6 +152,36 @@ class LocalTeacher:
     async def judge(self, requests: list[JudgeRequest]) -> list[Judgement]:
         return await asyncio.to_thread(self._judge_all, requests)
 
+    async def judge_group(self, calls: list[GroupCall]) -> list[list[Judgement]]:
+        """Grade each call's responses in ONE local call (``judge_mode: group``, teacher/local_group.py), the calls
+        one after another; per call one Judgement per response in presentation order (a failed call fails each)."""
+        return await asyncio.to_thread(self._judge_groups, calls)
+
+    def _judge_groups(self, calls: list[GroupCall]) -> list[list[Judgement]]:
+        self.usage.share = 1.0 / process_count()
+        with self._lock:
+            return [self._judge_group_gated(c) if not self._closing.is_set()
+                    else local_group.closed_group(c, self.rubric.names) for c in calls]
+
+    def _judge_group_gated(self, call: GroupCall) -> list[Judgement]:
+        names = self.rubric.names
+        try:
+            self.usage.check()
+        except BudgetSpent as exc:
+            return failed_group(call, names, "budget_spent", str(exc), attempts=0)
+        self._model()
+        start = time.perf_counter()
+        try:
+            if self._scorer is not None:
+                out, tokens = local_group.forced_group(self._scorer, self.group_prompt, call)
+            else:
+                out, tokens = local_group.decoded_group(self._llm, self.group_prompt, self.cfg, call)
+        except Exception as exc:  # e.g. a group longer than the context: this call fails, the run goes on
+            self.usage.add(1)
+            return failed_group(call, names, "error", str(exc)[:300], latency_s=time.perf_counter() - start)
+        self.usage.add(1, *tokens)
+        return out
+
     def grade_now(self, requests: list[JudgeRequest]) -> list[Judgement]:
         """Grade REQUESTS in this thread, one after another (what `judge` runs in a worker thread)."""
         return self._judge_all(requests)
@@ -175,7 +209,8 @@ class LocalTeacher:
         kwargs: dict = dict(
             messages=self.rubric.messages(req.question, req.response, req.ground_truth, json_mode=structured,
                                            compact=True),
-            temperature=cfg.teacher_temperature, max_tokens=cfg.max_feedback_new_tokens, seed=cfg.seed,
+            # A seed per sample: with the run's seed alone, teacher_samples repeats would draw the same grade.
+            temperature=cfg.teacher_temperature, max_tokens=cfg.max_feedback_new_tokens, seed=cfg.seed + req.sample,
         )
         if structured:
             # Compact grades with a short explanation: a 135M model rambles until max_tokens otherwise.

@@ -14,6 +14,9 @@ into the grade before the next key, as greedy decoding would. An explanation of 
 ``max_feedback_new_tokens`` tokens is then decoded freely up to its closing quote. llama.cpp reuses the KV
 cache of the prompt prefix each pass shares with the previous one, so a grade costs the tokens that differ.
 
+In group form (``judge_mode: group``, `ForcedScorer.grade_group`) the grade is ``{"R1": {...}, "R2": {...}}``: the
+same keys forced under each label, the digits read per criterion per label, a short explanation per label.
+
 It applies when every criterion's scale has integer ends within 0..99 and the teacher's tokenizer writes each
 digit as its own token after ``": `` (SmolLM2, Llama 3, Qwen do); ``ForcedScorer.supports`` says whether it
 does, and the backend otherwise falls back to grammar decoding with logprobs.
@@ -130,10 +133,32 @@ class ForcedScorer:
     def grade(self, messages: list[dict]) -> tuple[str, dict[str, float | None]]:
         """(the grade as JSON text, each criterion's probability-weighted score or None)."""
         prompt = self._formatter(messages=messages).prompt
+        return self._fill(prompt, "{")
+
+    def grade_group(self, messages: list[dict], labels: list[str]) -> tuple[str, list[dict[str, float | None]]]:
+        """A group grade ``{"R1": {grade}, "R2": {grade}, ...}`` (``judge_mode: group``) and each label's scores.
+
+        Each label's object is forced and read as `grade` reads one, right after the prompt (``{"Rk": {`` forced),
+        not after the grades written for the labels before it: the teacher sees every response, but no grade is
+        conditioned on the ones before it. Measured on the bundled 135M teacher, a label read after the others'
+        grades copied them and counted up (format 1, 2, ..., 8 for R1..R8 of one group). The prompt is evaluated
+        once; every later pass re-evaluates only the few tokens after it, from the KV cache.
+        """
+        prompt = self._formatter(messages=messages).prompt
+        blocks, per_label = [], []
+        for label in labels:
+            block, scores = self._fill(prompt, "{" + json.dumps(label)[:-1] + _KEY_END + "{")
+            blocks.append(block[1:])
+            per_label.append(scores)
+        return "{" + ", ".join(blocks) + "}", per_label
+
+    def _fill(self, prompt: str, opening: str) -> tuple[str, dict[str, float | None]]:
+        """OPENING and one grade object written after PROMPT: forced keys, the most likely integer of each score,
+        an explanation decoded up to its closing quote; with each criterion's probability-weighted score."""
         text = ""
         scores: dict[str, float | None] = {}
         for i, c in enumerate(self.rubric.criteria):
-            text += ("{" if i == 0 else ", ") + json.dumps(c.name)[:-1] + _KEY_END
+            text += (opening if i == 0 else ", ") + json.dumps(c.name)[:-1] + _KEY_END
             probs = self._scale_probs(prompt + text, forced_scale(c))
             total = sum(probs.values())
             if not total > 0 or not math.isfinite(total):
@@ -146,9 +171,5 @@ class ForcedScorer:
             text += ', "explanation": "'
             out = self.llm.create_completion(prompt + text, max_tokens=self.explanation_tokens, temperature=0.0,
                                              stop=['"'])
-            text += json.dumps(out["choices"][0]["text"])[1:]
-        else:
-            text += "}"
-        if not text.endswith("}"):
-            text += "}"
-        return text, scores
+            text += json.dumps(out["choices"][0]["text"])[1:]  # escaped, with its closing quote
+        return text + "}", scores

@@ -9,9 +9,10 @@
   long digit runs, control characters) with no complete grade in its last `parse.MAX_PARSE_CHARS`.
 - `noisy_content`: an honest grade wrapped in NULs, ANSI escapes, control characters and lone surrogates.
 - `mode_grade`: the deliberately bad judges that calibration and the training monitors must catch:
-  `inverted` (right answers 0, wrong ones 10), `random` (scores drawn per request), `length_loving` (honest
-  answer score, every other criterion grows with the response's length) and `master_key` (a response with
-  no number at all, such as "Let's solve this step by step.", gets 10 everywhere).
+  `inverted` (right answers 0, wrong ones 10), `random` (scores drawn per request: the same draw for the same
+  request at temperature 0, a fresh one at temperature > 0), `length_loving` (honest answer score, every other
+  criterion grows with the response's length) and `master_key` (a response with no number at all, such as
+  "Let's solve this step by step.", gets 10 everywhere).
 """
 
 from __future__ import annotations
@@ -96,15 +97,16 @@ def scripted_grade(prompt: str, think_open: str = "<think>", think_close: str = 
     return {c: form if c == "format" else verdict for c in names}
 
 
-def mode_grade(mode: str, prompt: str, fixed_scores: dict[str, int] | None = None) -> dict:
-    """The grade MODE gives (see the module doc); `obedient` grades as `scripted` here (its text is its own)."""
+def mode_grade(mode: str, prompt: str, fixed_scores: dict[str, int] | None = None, draw: str = "") -> dict:
+    """The grade MODE gives (see the module doc); `obedient` grades as `scripted` here (its text is its own).
+    DRAW salts `random`'s scores: a sampled request (temperature > 0) gets a fresh draw each time it is asked."""
     if mode == "fixed":
         return {c: (s, f"Fixed grade {s} for {c}.") for c, s in (fixed_scores or {}).items()}
     grade = scripted_grade(prompt)
     if mode == "inverted":
         return {c: g if c == "format" else (10 - g[0], "Inverted: " + g[1]) for c, g in grade.items()}
-    if mode == "random":  # drawn from the prompt's digest: the same request gets the same grade
-        rng = random.Random(hashlib.sha256(prompt.encode("utf-8", "replace")).digest())
+    if mode == "random":  # drawn from the prompt's digest: the same request at temperature 0 gets the same grade
+        rng = random.Random(hashlib.sha256((prompt + draw).encode("utf-8", "replace")).digest())
         return {c: (rng.randint(0, 10), "A random grade.") for c in grade}
     response, _ = extract_fields(prompt)
     if mode == "length_loving":
@@ -115,14 +117,15 @@ def mode_grade(mode: str, prompt: str, fixed_scores: dict[str, int] | None = Non
     return grade
 
 
-def grade_content(mode: str, prompt: str, fixed_scores: dict[str, int] | None, response_format: dict) -> str:
+def grade_content(mode: str, prompt: str, fixed_scores: dict[str, int] | None, response_format: dict,
+                  draw: str = "") -> str:
     """What a teacher in MODE writes for PROMPT: JSON when a JSON response_format is asked for, else XML.
     A group prompt (labelled responses) is answered in the group format (`group_grades`)."""
     if is_group_prompt(prompt):
-        return group_content(mode, prompt, fixed_scores, response_format)
+        return group_content(mode, prompt, fixed_scores, response_format, draw)
     if mode == "obedient":  # a gullible model writes what it was talked into, whatever the format asked
         return obedient_content(prompt)
-    grade = mode_grade(mode, prompt, fixed_scores)
+    grade = mode_grade(mode, prompt, fixed_scores, draw)
     return _json(grade, response_format) if response_format.get("type") in ("json_schema", "json_object") else _xml(grade)
 
 
@@ -278,7 +281,8 @@ def completion_object(body: dict, fault: str | None, number: int, mode: str, fix
                       huge_chars: int, reasoning_field: str | None) -> dict:
     """The fake teacher's chat.completion object for request BODY (faults that still answer 200 applied)."""
     prompt = "\n".join(_text(m.get("content")) for m in body.get("messages", []))
-    content = grade_content(mode, prompt, fixed_scores, body.get("response_format") or {})
+    draw = f"\x00{number}" if float(body.get("temperature") or 0) > 0 else ""  # request number: a fresh draw
+    content = grade_content(mode, prompt, fixed_scores, body.get("response_format") or {}, draw)
     if fault == "huge":
         content = adversarial_text(huge_chars, seed=number)
     elif fault == "noisy":

@@ -37,8 +37,8 @@ def single_prompt(prompt: str, response: str) -> str:
     return _RESPONSE.sub("", prompt) + f"\n<student_response>\n{response}\n</student_response>\n"
 
 
-def group_grades(mode: str, prompt: str, fixed_scores: dict[str, int] | None) -> dict[str, dict]:
-    """{label: {criterion: (score, explanation)}} for a group prompt, in presentation order."""
+def group_grades(mode: str, prompt: str, fixed_scores: dict[str, int] | None, draw: str = "") -> dict[str, dict]:
+    """{label: {criterion: (score, explanation)}} for a group prompt, in presentation order (DRAW: `mode_grade`'s)."""
     from grpo_llm_eval.testing.grades import criteria_in, mode_grade
 
     shown = responses_in(prompt)
@@ -47,7 +47,7 @@ def group_grades(mode: str, prompt: str, fixed_scores: dict[str, int] | None) ->
         return {label: {c: (10 if i == 0 else 0, "First is best." if i == 0 else "Not the first.") for c in names}
                 for i, (label, _) in enumerate(shown)}
     single_mode = "scripted" if mode in GROUP_MODES or mode == "obedient" else mode
-    grades = {label: mode_grade(single_mode, single_prompt(prompt, text), fixed_scores) for label, text in shown}
+    grades = {label: mode_grade(single_mode, single_prompt(prompt, text), fixed_scores, draw) for label, text in shown}
     if mode == "group_wrong_count" and grades:
         grades.pop(list(grades)[-1])
     return grades
@@ -73,9 +73,10 @@ def _json(grades: dict[str, dict], response_format: dict) -> str:
     return json.dumps(out)
 
 
-def group_content(mode: str, prompt: str, fixed_scores: dict[str, int] | None, response_format: dict) -> str:
+def group_content(mode: str, prompt: str, fixed_scores: dict[str, int] | None, response_format: dict,
+                  draw: str = "") -> str:
     """What a teacher in MODE writes for a group PROMPT: JSON when a JSON response_format is asked for, else XML."""
-    grades = group_grades(mode, prompt, fixed_scores)
+    grades = group_grades(mode, prompt, fixed_scores, draw)
     as_json = response_format.get("type") in ("json_schema", "json_object")
     own = _json(grades, response_format) if as_json else _xml(grades)
     if mode not in ("group_forged", "obedient"):
