@@ -34,9 +34,6 @@ def _build_inner(cfg, rubric, cache_path: Path | None):
     else:  # validated earlier; kept for library callers
         raise ValueError(f"teacher_backend {cfg.teacher_backend!r}: use one of {', '.join(BACKENDS)}")
     if cfg.judge_mode == "group":
-        if not hasattr(teacher, "judge_group"):
-            raise ValueError(f"judge_mode: group is not available with teacher_backend {cfg.teacher_backend} in this "
-                             "version; use judge_mode: pointwise, or teacher_backend: openai")
         from grpo_llm_eval.teacher.cache import JudgementCache, flags_from_config
         from grpo_llm_eval.teacher.group import GroupTeacher
 

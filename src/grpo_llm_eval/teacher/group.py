@@ -171,7 +171,8 @@ class GroupTeacher:
         """Send one call per (chunk, order); per plan, the Judgements indexed like ``chunk.uniques``."""
         if not plans:
             return []
-        calls = [GroupCall(c.question, c.ground_truth, tuple(c.uniques[i] for i in order), uuid.uuid4().hex[:16])
+        calls = [GroupCall(c.question, c.ground_truth, tuple(c.uniques[i] for i in order), uuid.uuid4().hex[:16],
+                           c.sample)
                  for c, order in plans]
         answers = await self.backend.judge_group(calls)
         out = []

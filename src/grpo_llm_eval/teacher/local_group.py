@@ -16,6 +16,7 @@ Tokens are counted with the model's tokenizer, per call; the backend checks the 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 
 from grpo_llm_eval.teacher.group_grading import failed_group, group_judgements
@@ -26,14 +27,17 @@ from grpo_llm_eval.teacher.types import GroupCall, Judgement
 EXPLANATION_CHARS = 32
 
 
-def call_seed(seed: int, call_id: str) -> int:
-    """The sampling seed of one group call: the run's seed moved by the call's id, so that the repeats of
-    ``teacher_samples`` (separate calls, separate ids) draw separately at ``teacher_temperature`` > 0.
+def call_seed(seed: int, call: GroupCall) -> int:
+    """The sampling seed of one group call: the run's seed moved by what the call shows and by its sample index,
+    so that a rerun draws the same grades (call ids are random) while the repeats of ``teacher_samples`` draw
+    separately at ``teacher_temperature`` > 0, even for a group of one whose order cannot change.
 
-    >>> call_seed(42, "abc") == call_seed(42, "abc") != call_seed(42, "abd")
+    >>> a = GroupCall("q", "1", ("x", "y"), "id1")
+    >>> call_seed(42, a) == call_seed(42, GroupCall("q", "1", ("x", "y"), "id2")) != call_seed(42, GroupCall("q", "1", ("x", "y"), "id1", 1))
     True
     """
-    return (seed + int(hashlib.sha256(call_id.encode()).hexdigest()[:8], 16)) % 2**31
+    shown = json.dumps([call.question, call.ground_truth, list(call.responses), call.sample], ensure_ascii=False)
+    return (seed + int(hashlib.sha256(shown.encode()).hexdigest()[:8], 16)) % 2**31
 
 
 def decoded_group(llm, group: GroupPrompt, cfg, call: GroupCall) -> tuple[list[Judgement], tuple[int, int]]:
@@ -43,7 +47,7 @@ def decoded_group(llm, group: GroupPrompt, cfg, call: GroupCall) -> tuple[list[J
     max_tokens = n * cfg.max_feedback_new_tokens
     kwargs: dict = dict(
         messages=group.messages(call.question, call.ground_truth, call.responses, json_mode=structured, compact=True),
-        temperature=cfg.teacher_temperature, max_tokens=max_tokens, seed=call_seed(cfg.seed, call.call_id))
+        temperature=cfg.teacher_temperature, max_tokens=max_tokens, seed=call_seed(cfg.seed, call))
     if structured:
         schema = group.json_schema(n, max_explanation_chars=EXPLANATION_CHARS, compact=True)
         kwargs["response_format"] = {"type": "json_object", "schema": schema}

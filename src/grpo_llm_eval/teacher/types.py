@@ -33,13 +33,15 @@ class GroupCall:
     """One teacher call that grades several responses to ONE question (``judge_mode: group``).
 
     ``responses`` are in presentation order (already shuffled), labelled ``group_prompt.labels(len(responses))``;
-    ``call_id`` is recorded with every completion the call graded.
+    ``call_id`` is recorded with every completion the call graded; ``sample`` is which of ``teacher_samples``
+    repeated grades this call is (a sampling teacher's seed follows it).
     """
 
     question: str
     ground_truth: str | None
     responses: tuple[str, ...]
     call_id: str
+    sample: int = 0
 
 
 @dataclass
