@@ -108,6 +108,12 @@ def queue_file(checkpoint: Path, process_index: int) -> Path:
     return Path(checkpoint) / f"judge_ahead_queue-{process_index}.pt"
 
 
+def padded_width(rows: list[list[int]], multiple: int | None) -> int:
+    """The width TRL pads ROWS to (the longest, rounded up to MULTIPLE)."""
+    width = max(map(len, rows), default=0)
+    return -(-width // multiple) * multiple if multiple else width
+
+
 def sampling_logps(trainer, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> torch.Tensor:
     """Per-token log-probs of the completions under the trainer's current weights, padded as TRL pads them.
 

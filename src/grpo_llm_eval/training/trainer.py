@@ -18,7 +18,7 @@ from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
 from grpo_llm_eval.teacher.usage import Usage
-from grpo_llm_eval.training import checkpoints, judge_ahead, judge_spend, sft, sft_loss
+from grpo_llm_eval.training import checkpoints, generation_logps, judge_ahead, judge_spend, sft, sft_loss
 from grpo_llm_eval.training.callbacks import StepTimer
 from grpo_llm_eval.training.skip_update import SkipUngradedUpdates
 
@@ -48,6 +48,7 @@ class TeacherGRPOTrainer(GRPOTrainer):
         self.add_callback(self.skip_updates)
         self.judge_spend = None  # judge_spend.JudgeSpend, when a teacher grades (train.py attaches it)
         self._compiled_generation = False
+        self._logps_source: str | None = None  # logged when it changes (see generation_logps.py)
         if run_cfg is not None and run_cfg.fast_generation:
             self._use_compiled_generation()
 
@@ -89,16 +90,32 @@ class TeacherGRPOTrainer(GRPOTrainer):
         """Generate completions for INPUTS now, record their sampling log-probs, start judging them."""
         start = time.perf_counter()
         prompts = [x["prompt"] for x in inputs]
-        generated = self._generate(prompts)
+        why_not = generation_logps.unsupported(self)
+        if why_not is None:
+            with generation_logps.recording(self) as recorder:
+                generated = self._generate(prompts)
+        else:
+            generated = self._generate(prompts)
         self.times["generate_s"] += time.perf_counter() - start
         old = None
         if not self.use_vllm:  # with vLLM, TRL's importance sampling correction covers the lag
             start = time.perf_counter()
-            old = judge_ahead.sampling_logps(self, generated[0], generated[1])
+            if why_not is None:
+                old = recorder.result(generated[1], judge_ahead.padded_width(generated[1], self.pad_to_multiple_of))
+                why_not = recorder.problem
+            if old is None:
+                old = judge_ahead.sampling_logps(self, generated[0], generated[1])
+            self._log_logps_source(why_not)
             self.times["old_logps_s"] += time.perf_counter() - start
         rollout = judge_ahead.Rollout(inputs, generated, old)
         self._start_judging(rollout)
         return rollout
+
+    def _log_logps_source(self, why_not: str | None) -> None:
+        source = "generation" if why_not is None else f"a forward pass ({why_not})"
+        if source != self._logps_source:
+            logger.info("Judging ahead: sampling log-probs recorded from %s.", source)
+            self._logps_source = source
 
     def _start_judging(self, rollout: judge_ahead.Rollout) -> None:
         prompts = [x["prompt"] for x in rollout.inputs]
