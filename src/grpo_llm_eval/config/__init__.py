@@ -106,7 +106,8 @@ class Config:
     teacher_logprob_scores: bool = _f(False, "Score = probability-weighted mean over score tokens (openai: needs top_logprobs; local: JSON keys forced, no grammar decoding).")
     teacher_weight: float = _f(1.0, "Weight of the teacher's rubric reward among all rewards.", min=0.0)
     teacher_cache: bool = _f(True, "Answer repeated (model, rubric, prompt, response) from the run's cache.")
-    judge_ahead_steps: int = _f(1, "Grade each batch in the background and train on it this many updates after sampling it, so judging overlaps training and generation (importance-corrected); 0: wait for the grades, as the seed.", min=0)
+    judge_ahead_steps: int | str = _f("auto", "Grade each batch in the background and train on it this many updates after sampling it, so judging overlaps training and generation (importance-corrected); auto: the smallest lag that hides the measured teacher latency behind the measured step time (0 for a teacher faster than a tenth of a step, at most judge_ahead_max_steps; logged when it changes); 0: wait for the grades, as the seed.")
+    judge_ahead_max_steps: int = _f(4, "Upper bound of the lag that judge_ahead_steps: auto may choose (each step of lag is one more update between sampling a batch and training on it).", min=0)
     # ---- verifiers ----------------------------------------------------------------------------
     verifier_answer_weight: float = _f(0.0, "Weight of the math-verify answer check (1 right, 0 wrong).", min=0.0)
     verifier_format_weight: float = _f(0.0, "Weight of the think-tag format check.", min=0.0)
