@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -103,12 +104,14 @@ def test_sampling_logps_match_a_direct_forward_pass_for_ragged_lengths(tiny_mode
 
 
 class TestPipelinedRun:
-    def test_batches_train_one_step_after_sampling_and_judging_overlaps(self, tiny_model, tmp_path):
-        with TeacherServer(mode="scripted", latency_s=0.5) as server:
+    def test_batches_train_one_step_after_sampling_and_judging_overlaps(self, tiny_model, tmp_path, caplog):
+        with TeacherServer(mode="scripted", latency_s=0.5) as server, caplog.at_level(logging.INFO):
             cfg = load_config(None, tiny_overrides(tiny_model, tmp_path, openai_base_url=server.base_url,
                                                    total_steps=4, save_steps=100, judge_ahead_steps=1))
             result = train(cfg)
             requests = server.stats()["chat_requests"]
+        sources = [r.getMessage() for r in caplog.records if "sampling log-probs recorded from" in r.getMessage()]
+        assert sources == ["Judging ahead: sampling log-probs recorded from generation."]  # no forward pass
         rows = read_jsonl(result.run_dir / "rollouts.jsonl")
         prompts = {s: {json.dumps(r["prompt"]) for r in rows if r["step"] == s} for s in range(1, 5)}
         # the first prompts are sampled twice to fill the queue, then each step trains the previous call's batch
