@@ -6,11 +6,13 @@ OpenAI-compatible test server on loopback answering each call after a fixed late
     arm               what runs
     trl_instant       trl.GRPOTrainer, an instant reward (the exact-answer check): the floor
     trl_group@L       trl.GRPOTrainer, a hand-written judge that calls the teacher group by group, as the seed
-    ours@L d=D        grpo_llm_eval's trainer and teacher client, judge_ahead_steps=D
+    ours@L d=D        grpo_llm_eval's trainer and teacher client, judge_ahead_steps=D (a number, or auto: the
+                      library default, and the arm run by default)
 
-Step time is the median over the steady-state steps: not the first (load, warm-up), not the D after it
-(batches sampled to fill the queue were all judged at the start), and not the last (it samples nothing).
-The table is followed by `ratio_vs_trl=<ours@2s / trl_group@2s>` (lower is better).
+Step time is the median over the steady-state steps: not the first (load, warm-up), not those after a change
+of the lag (the first step's fill included) until the batches sampled then have trained (their judging
+started together, and a lowered lag trains from the queue without sampling), and not the last (it samples
+nothing). The table is followed by `ratio_vs_trl=<ours@2s / trl_group@2s>` (lower is better).
 
 Reproduce:
     python bench/step_time.py                 # CPU: bundled SmolLM2-135M, 2 prompts x 4 completions x 16 tokens
@@ -94,15 +96,19 @@ def build_gpu_model(folder: Path) -> str:
     return str(folder)
 
 
-def base_config(args, model: str, out: Path):
+def base_config(args, model: str, out: Path, steps: int):
     from grpo_llm_eval.config.load import load_config
 
-    sets = {"student_model_name": model, "output_dir": str(out), "save_steps": 10_000, "total_steps": args.steps,
+    sets = {"student_model_name": model, "output_dir": str(out), "save_steps": 10_000, "total_steps": steps,
             "prompts_per_step": args.prompts, "num_return_sequences": args.group, "max_new_tokens": args.tokens,
             "temperature": 1.0, "top_p": 1.0, "top_k": 0, "system_prompt": "", "seed": 0, "learning_rate": 1e-6,
             "teacher_backend": "openai", "teacher_model_name": "teacher", "teacher_weight": 1.0,
             "verifier_answer_weight": 1.0, "teacher_max_concurrency": 256, "teacher_timeout_s": 120,
-            "teacher_cache": False, "max_feedback_new_tokens": 512}
+            "teacher_cache": False, "max_feedback_new_tokens": 512,
+            # The library defaults for a served teacher (the offline default's are for its local 135M judge):
+            # plain-text grades, as the trl_group arm parses them; logprob scores and structured output
+            # double our client's parsing per grade (bench/RESULTS.md section 1, overhead).
+            "teacher_logprob_scores": False, "teacher_structured_output": False}
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
 
 
@@ -134,7 +140,8 @@ def run_ours(cfg) -> tuple[list[float], list[dict]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="random-init ~0.5B Llama on CUDA, 256 tokens")
-    parser.add_argument("--steps", type=int, default=0, help="steps per arm (default 6)")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="steps per arm (default 6 for plain TRL, 12 for ours: auto settles its lag first)")
     parser.add_argument("--latencies", default="", help="teacher latencies in s (default 2,10)")
     parser.add_argument("--arms", default="", help="comma list of arm names to run (default: all)")
     parser.add_argument("--json", default="", help="also write the results here")
@@ -143,7 +150,6 @@ def main() -> int:
     args = parser.parse_args()
     args.prompts, args.group = (4, 8) if args.gpu else (2, 4)
     args.tokens = 256 if args.gpu else 16
-    args.steps = args.steps or 6
     latencies = [float(x) for x in (args.latencies or "2,10").split(",")]
 
     from grpo_llm_eval.models import convert_bundled
@@ -154,7 +160,7 @@ def main() -> int:
                                                                                       "~/.cache/grpo_llm_eval"))
         names = ["trl_instant"]
         for lat in latencies:
-            names += [f"trl_group@{lat:g}s", f"ours@{lat:g}s d=1"]
+            names += [f"trl_group@{lat:g}s", f"ours@{lat:g}s d=auto"]
         arms = [parse_arm(n) for n in ([a for a in args.arms.split(",") if a] or names)]
         results = []
         for name, latency, how in arms:
@@ -178,25 +184,28 @@ def main() -> int:
 
 
 def parse_arm(name: str) -> tuple[str, float, object]:
-    """'trl_instant', 'trl_group@2s', 'ours@10s d=2' or 'ours@2s d=1 trl-gen' -> (name, latency, how)."""
+    """'trl_instant', 'trl_group@2s', 'ours@10s d=2', 'ours@10s d=auto' or 'ours@2s d=1 trl-gen' -> (name,
+    latency, how); how is None, 'random', 'group' or (judge_ahead_steps, fast_generation) for ours."""
     if name in ("trl_instant", "trl_random"):
         return name, 0.0, None if name == "trl_instant" else "random"
     m = re.fullmatch(r"trl_group@([\d.]+)s", name)
     if m:
         return name, float(m.group(1)), "group"
-    m = re.fullmatch(r"ours@([\d.]+)s d=(\d+)( trl-gen)?", name)
+    m = re.fullmatch(r"ours@([\d.]+)s d=(\d+|auto)( trl-gen)?", name)
     if not m:
-        raise SystemExit(f"unknown arm {name!r}: trl_instant, trl_group@Ls, ours@Ls d=D [trl-gen]")
-    depth = int(m.group(2))
-    return name, float(m.group(1)), -depth if m.group(3) else depth
+        raise SystemExit(f"unknown arm {name!r}: trl_instant, trl_group@Ls, ours@Ls d=D|auto [trl-gen]")
+    depth = m.group(2) if m.group(2) == "auto" else int(m.group(2))
+    return name, float(m.group(1)), (depth, not m.group(3))
 
 
 def run_arm(args, model: str, work: Path, name: str, latency: float, how) -> dict:
     from grpo_llm_eval import config as config_mod
     from grpo_llm_eval.testing.teacher_server import TeacherServer
 
+    ours = isinstance(how, tuple)
+    steps = args.steps or (12 if ours else 6)
     with TeacherServer(mode="scripted", latency_s=latency) as server:
-        cfg = base_config(args, model, work / "runs")
+        cfg = base_config(args, model, work / "runs", steps)
         cfg.openai_base_url = server.base_url
         cfg.run_name = re.sub(r"[^\w.-]", "_", name)
         started = time.perf_counter()
@@ -210,17 +219,33 @@ def run_arm(args, model: str, work: Path, name: str, latency: float, how) -> dic
             times = run_trl(cfg, work / cfg.run_name,
                             GroupByGroupJudge(server.base_url, args.group, config_mod.SEED_EVALUATION_PROMPT))
         else:
-            cfg.judge_ahead_steps = abs(how)
-            cfg.fast_generation = how >= 0
-            times, _ = run_ours(cfg)
+            cfg.judge_ahead_steps, cfg.fast_generation = how
+            times, rows = run_ours(cfg)
         requests = server.stats()["chat_requests"]
-    # Steady state: after the first step (load, warm-up) and the queue's fill (its batches were all judged at
-    # the start), and before the last step (it samples nothing, so judging ahead would look cheaper).
-    skip = 1 + (abs(how) if isinstance(how, int) else 0)
+    depths = [int(r.get("judge_ahead/depth", 0)) for r in rows] if ours else [0] * len(times)
+    skip = steady_start(depths)
     steady = times[skip:-1] or times[1:] or times
-    return {"arm": name, "latency_s": latency, "step_s": statistics.median(steady), "steps": len(times),
-            "steady_steps": len(steady),
-            "first_step_s": times[0], "teacher_calls": requests, "wall_s": time.perf_counter() - started}
+    row = {"arm": name, "latency_s": latency, "step_s": statistics.median(steady), "steps": len(times),
+           "steady_steps": len(steady), "first_step_s": times[0], "teacher_calls": requests,
+           "wall_s": time.perf_counter() - started}
+    if ours:
+        row["depths"] = depths
+        for key in ("time/old_logps_s", "time/judge_wait_s", "time/generate_s"):
+            values = [r.get(key, 0.0) for r in rows[skip:-1]]
+            row[key] = statistics.median(values) if values else None
+    return row
+
+
+def steady_start(depths: list[int]) -> int:
+    """Steps to skip: the first (load, warm-up), and after each change of the lag (the first step's fill
+    included) as many steps as the larger lag, so the batches sampled together then (judged together from that
+    moment) or a queue drained without sampling have all trained; the last step is dropped by the caller."""
+    skip = 1
+    for i, depth in enumerate(depths):
+        before = depths[i - 1] if i else 0
+        if i == 0 or depth != before:
+            skip = max(skip, i + max(depth, before) + 1)
+    return skip
 
 
 def report(results: list[dict], latencies: list[float]) -> None:
@@ -234,7 +259,11 @@ def report(results: list[dict], latencies: list[float]) -> None:
         vs_floor = f"{r['step_s'] / floor:.2f}" if floor else "n/a"
         vs_group = f"{r['step_s'] / group:.2f}" if group and lat else "n/a"
         print(f"| {r['arm']} | {lat:g} s | {r['step_s']:.2f} | {vs_floor} | {vs_group} |")
-    ours = by.get(f"ours@{latencies[0]:g}s d=1", {}).get("step_s")
+    for r in results:
+        if "depths" in r:
+            print(f"{r['arm']}: lag by step {r['depths']}; steady medians: old_logps {r['time/old_logps_s']}, "
+                  f"judge_wait {r['time/judge_wait_s']}, generate {r['time/generate_s']}")
+    ours = by.get(f"ours@{latencies[0]:g}s d=auto", {}).get("step_s")
     trl = by.get(f"trl_group@{latencies[0]:g}s", {}).get("step_s")
     if ours and trl:
         print(f"ratio_vs_trl={ours / trl:.3f}")

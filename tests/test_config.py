@@ -207,7 +207,7 @@ class TestReadmeTable:
 class TestScalingDoc:
     def test_the_step_shape_matches_the_default_judge_ahead(self):
         """Would have caught: docs/scaling.md said generation, judging and update never overlap, while the
-        default judge_ahead_steps: 1 grades each batch during the next update and sampling."""
+        default judge_ahead_steps (then 1, now auto) grades each batch during the next update and sampling."""
         text = (ROOT / "docs/scaling.md").read_text()
         start = text.index("## The shape of one step")
         section = text[start: text.index("\n## ", start + 1)]

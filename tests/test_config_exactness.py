@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def problems_of(data: dict) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        validate(data)
+        validate({"judge_ahead_steps": 1, **data})
     return info.value.problems
 
 
@@ -35,7 +35,7 @@ class TestJudgeAheadIsExactOrRefused:
         assert p.startswith("trl.generation_batch_size: 64")
 
     def test_steps_per_generation_equal_to_the_accumulation_steps_is_fine(self):
-        assert validate({"accumulation_steps": 2, "trl": {"steps_per_generation": 2}}).judge_ahead_steps == 1
+        assert validate({"accumulation_steps": 2, "trl": {"steps_per_generation": 2}, "judge_ahead_steps": 1})
         [p] = problems_of({"trl": {"gradient_accumulation_steps": 4, "steps_per_generation": 2}})
         assert "accumulation steps (4)" in p  # the trl section's value is the one TRL uses
 
@@ -50,10 +50,19 @@ class TestJudgeAheadIsExactOrRefused:
         cfg = validate({"lora": {"enabled": True, "dropout": 0.05}, "trl": {"use_vllm": True}})
         assert cfg.lora.dropout == 0.05
 
-    @pytest.mark.parametrize("data", [{"judge_ahead_steps": 0}, {"teacher_weight": 0.0, "verifier_answer_weight": 1.0}])
-    def test_without_judging_ahead_every_combination_is_allowed(self, data):
+    @pytest.mark.parametrize("data", [{"judge_ahead_steps": 0}, {"judge_ahead_steps": "auto"}, {},
+                                      {"teacher_weight": 0.0, "verifier_answer_weight": 1.0}])
+    def test_without_a_fixed_lag_every_combination_is_allowed(self, data):
+        """auto (the default) is not refused: the trainer keeps its lag at 0 there, with a warning."""
         validate({**data, "trl": {"num_iterations": 2, "steps_per_generation": 2},
                   "lora": {"enabled": True, "dropout": 0.1}})
+
+    @pytest.mark.parametrize("value", ["sometimes", -1, True, 1.5])
+    def test_a_lag_that_is_neither_auto_nor_a_count_is_refused(self, value):
+        with pytest.raises(ConfigError) as info:
+            validate({"judge_ahead_steps": value})
+        [p] = info.value.problems
+        assert p.startswith("judge_ahead_steps:")
 
     def test_shipped_recipes_and_example_pass(self):
         for path in [ROOT / "configs/example.yaml", *sorted((ROOT / "configs/recipes").glob("*.yaml"))]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -30,6 +31,54 @@ class TestQueueArithmetic:
         assert judge_ahead.remaining_generation_calls(1, 3, 1, 4, 2) == 4
 
 
+class TestAutoDepth:
+    """judge_ahead_steps: auto (judge_ahead.AutoDepth): the lag follows the teacher's latency over the step time."""
+
+    def run(self, auto, latency, step, decisions=1):
+        for _ in range(decisions):
+            auto.observe(latency, step)
+            depth = auto.decide()
+        return depth
+
+    def test_no_measurement_keeps_the_start(self):
+        assert judge_ahead.AutoDepth(4).decide() == 1
+        assert judge_ahead.AutoDepth(0).decide() == 0
+
+    def test_a_slow_teacher_raises_the_lag_at_once_to_hide_it(self):
+        auto = judge_ahead.AutoDepth(4)
+        assert self.run(auto, 10.0, 4.0) == 3  # ceil(1.1 x 10 / 4): judging fits in the 3 steps that follow
+        assert self.run(judge_ahead.AutoDepth(4), 2.0, 4.0) == 1
+
+    def test_the_lag_is_bounded(self):
+        assert self.run(judge_ahead.AutoDepth(4), 60.0, 1.0) == 4
+        assert self.run(judge_ahead.AutoDepth(2), 60.0, 1.0) == 2
+
+    def test_a_fast_teacher_is_waited_for_only_after_several_steps_ask_for_it(self):
+        """No staleness for a teacher under a tenth of a step; lowering waits for LOWER_AFTER decisions in a
+        row, so one quick batch (a cache hit, say) does not drain the queue."""
+        auto = judge_ahead.AutoDepth(4)
+        self.run(auto, 10.0, 4.0)
+        window, lower_after = judge_ahead.AutoDepth.WINDOW, judge_ahead.AutoDepth.LOWER_AFTER
+        # the slowest of the last WINDOW latencies counts: until the slow one leaves it, nothing asks for less
+        assert self.run(auto, 0.1, 4.0, decisions=window - 1) == 3
+        assert self.run(auto, 0.1, 4.0, decisions=lower_after - 1) == 3
+        assert self.run(auto, 0.1, 4.0) == 0
+
+    def test_a_step_measurement_of_none_is_ignored(self):
+        auto = judge_ahead.AutoDepth(4)
+        auto.observe(10.0, None)
+        assert auto.decide() == 1  # no step time yet: no decision
+        auto.observe(None, 5.0)
+        assert auto.decide() == 3
+
+    def test_the_state_round_trips(self):
+        auto = judge_ahead.AutoDepth(4)
+        self.run(auto, 10.0, 4.0)
+        again = judge_ahead.AutoDepth(4)
+        again.restore(auto.state())
+        assert again.state() == auto.state() and again.decide() == auto.decide()
+
+
 def test_sampling_logps_match_a_direct_forward_pass_for_ragged_lengths(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOTrainer
@@ -55,12 +104,14 @@ def test_sampling_logps_match_a_direct_forward_pass_for_ragged_lengths(tiny_mode
 
 
 class TestPipelinedRun:
-    def test_batches_train_one_step_after_sampling_and_judging_overlaps(self, tiny_model, tmp_path):
-        with TeacherServer(mode="scripted", latency_s=0.5) as server:
+    def test_batches_train_one_step_after_sampling_and_judging_overlaps(self, tiny_model, tmp_path, caplog):
+        with TeacherServer(mode="scripted", latency_s=0.5) as server, caplog.at_level(logging.INFO):
             cfg = load_config(None, tiny_overrides(tiny_model, tmp_path, openai_base_url=server.base_url,
                                                    total_steps=4, save_steps=100, judge_ahead_steps=1))
             result = train(cfg)
             requests = server.stats()["chat_requests"]
+        sources = [r.getMessage() for r in caplog.records if "sampling log-probs recorded from" in r.getMessage()]
+        assert sources == ["Judging ahead: sampling log-probs recorded from generation."]  # no forward pass
         rows = read_jsonl(result.run_dir / "rollouts.jsonl")
         prompts = {s: {json.dumps(r["prompt"]) for r in rows if r["step"] == s} for s in range(1, 5)}
         # the first prompts are sampled twice to fill the queue, then each step trains the previous call's batch

@@ -36,7 +36,7 @@ def _rows(cls: type, prefix: str = "") -> list[str]:
     rows = []
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
-        kind = getattr(hint, "__name__", str(hint).replace("typing.", ""))
+        kind = getattr(hint, "__name__", str(hint).replace("typing.", "")).replace(" | ", " or ")  # a | ends the cell
         meta = f.metadata
         help_text = meta.get("help", "")
         if "choices" in meta:

@@ -212,7 +212,13 @@ def _check_samples(cfg: Config, problems: list[str], criteria_ok: bool) -> None:
 def _check_judge_ahead(cfg: Config, problems: list[str]) -> None:
     """Judging ahead is exact only when one generation batch is one optimizer update, trained once, with the
     same log-probs at sampling and training time (see judge_ahead.py); refuse the settings where it is not."""
-    if cfg.judge_ahead_steps <= 0 or cfg.teacher_weight <= 0:
+    depth = cfg.judge_ahead_steps
+    if depth != "auto" and (isinstance(depth, (str, bool)) or depth < 0):
+        problems.append(f"judge_ahead_steps: {depth!r} is neither auto nor a whole number >= 0; write auto (the lag "
+                        "follows the teacher's measured latency), 0 (wait for the grades) or a fixed lag such as 1.")
+        return
+    # auto falls back to 0, with a warning, where the trainer finds these settings (judge_ahead.check_exact).
+    if depth == "auto" or depth == 0 or cfg.teacher_weight <= 0:
         return
     fix = "or set judge_ahead_steps: 0 to wait for the grades"
     accum = cfg.trl.get("gradient_accumulation_steps", cfg.accumulation_steps)

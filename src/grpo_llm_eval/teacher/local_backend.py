@@ -103,7 +103,7 @@ class LocalTeacher:
         self.path = resolve_gguf(cfg.teacher_model_name)
         self.n_ctx = n_ctx
         self.verbose = verbose  # llama.cpp's own load and timing log on stderr
-        self.n_threads = n_threads or default_threads(concurrent=cfg.judge_ahead_steps > 0)
+        self.n_threads = n_threads or default_threads(concurrent=cfg.judge_ahead_steps != 0)
         self._llm = None
         self._scorer: ForcedScorer | None = None
         self._lock = threading.Lock()

@@ -73,6 +73,7 @@ class StepTimer(TrainerCallback):
         out["time/step_s"] = step
         for name, value in out.items():
             self.trainer._metric(name, value)
+        self.trainer.observe_step(step, times)
         times.clear()
 
 

@@ -186,7 +186,7 @@ def _share_cpu_with_local_teacher(cfg) -> None:
         return
     from grpo_llm_eval.teacher.local_backend import cores_per_process, default_threads, usable_cores
 
-    concurrent = cfg.teacher_weight > 0 and cfg.teacher_backend == "local" and cfg.judge_ahead_steps > 0
+    concurrent = cfg.teacher_weight > 0 and cfg.teacher_backend == "local" and cfg.judge_ahead_steps != 0
     threads = max(1, cores_per_process() - (default_threads() if concurrent else 0))
     if threads < torch.get_num_threads():
         logger.info("torch uses %d of %d CPU threads (this process's share: %d cores%s).", threads, usable_cores(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import shutil
+import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -18,7 +19,7 @@ from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
 from grpo_llm_eval.teacher.usage import Usage
-from grpo_llm_eval.training import checkpoints, judge_ahead, judge_spend, sft, sft_loss
+from grpo_llm_eval.training import checkpoints, generation_logps, judge_ahead, judge_spend, sft, sft_loss
 from grpo_llm_eval.training.callbacks import StepTimer
 from grpo_llm_eval.training.skip_update import SkipUngradedUpdates
 
@@ -38,9 +39,15 @@ class TeacherGRPOTrainer(GRPOTrainer):
         self.consecutive_failed = 0
         self._staging: str | None = None
         graded = reward is not None and run_cfg is not None and run_cfg.teacher_weight > 0
-        self.rollouts = judge_ahead.RolloutQueue(run_cfg.judge_ahead_steps if graded else 0)
-        if self.rollouts.depth > 0:
+        depth = run_cfg.judge_ahead_steps if graded else 0
+        self.auto_depth = self._auto_depth(run_cfg) if depth == "auto" else None
+        if depth == "auto":
+            depth = self.auto_depth.depth if self.auto_depth is not None else 0
+        elif depth > 0:
             judge_ahead.check_exact(self.args, self.model)
+        self.rollouts = judge_ahead.RolloutQueue(depth)
+        self._sampled = 0  # batches sampled by this step's generation call (the auto lag measures 1-batch steps)
+        self._steps_timed = 0
         self._replay: tuple | None = None
         self.times: dict[str, float] = defaultdict(float)  # this step's seconds by part; StepTimer logs them
         self.add_callback(StepTimer(self))
@@ -48,8 +55,17 @@ class TeacherGRPOTrainer(GRPOTrainer):
         self.add_callback(self.skip_updates)
         self.judge_spend = None  # judge_spend.JudgeSpend, when a teacher grades (train.py attaches it)
         self._compiled_generation = False
+        self._logps_source: str | None = None  # logged when it changes (see generation_logps.py)
         if run_cfg is not None and run_cfg.fast_generation:
             self._use_compiled_generation()
+
+    def _auto_depth(self, cfg) -> judge_ahead.AutoDepth | None:
+        try:
+            judge_ahead.check_exact(self.args, self.model)
+        except ValueError as exc:
+            logger.warning("judge_ahead_steps: auto stays at 0 (grades are waited for): %s", exc)
+            return None
+        return judge_ahead.AutoDepth(cfg.judge_ahead_max_steps)
 
     def _use_compiled_generation(self) -> None:
         """Static KV cache plus transformers' compiled decoding step, on CUDA with transformers generation."""
@@ -89,16 +105,33 @@ class TeacherGRPOTrainer(GRPOTrainer):
         """Generate completions for INPUTS now, record their sampling log-probs, start judging them."""
         start = time.perf_counter()
         prompts = [x["prompt"] for x in inputs]
-        generated = self._generate(prompts)
+        why_not = generation_logps.unsupported(self)
+        if why_not is None:
+            with generation_logps.recording(self) as recorder:
+                generated = self._generate(prompts)
+        else:
+            generated = self._generate(prompts)
         self.times["generate_s"] += time.perf_counter() - start
         old = None
         if not self.use_vllm:  # with vLLM, TRL's importance sampling correction covers the lag
             start = time.perf_counter()
-            old = judge_ahead.sampling_logps(self, generated[0], generated[1])
+            if why_not is None:
+                old = recorder.result(generated[1], judge_ahead.padded_width(generated[1], self.pad_to_multiple_of))
+                why_not = recorder.problem
+            if old is None:
+                old = judge_ahead.sampling_logps(self, generated[0], generated[1])
+            self._log_logps_source(why_not)
             self.times["old_logps_s"] += time.perf_counter() - start
         rollout = judge_ahead.Rollout(inputs, generated, old)
+        self._sampled += 1
         self._start_judging(rollout)
         return rollout
+
+    def _log_logps_source(self, why_not: str | None) -> None:
+        source = "generation" if why_not is None else f"a forward pass ({why_not})"
+        if source != self._logps_source:
+            logger.info("Judging ahead: sampling log-probs recorded from %s.", source)
+            self._logps_source = source
 
     def _start_judging(self, rollout: judge_ahead.Rollout) -> None:
         prompts = [x["prompt"] for x in rollout.inputs]
@@ -108,7 +141,12 @@ class TeacherGRPOTrainer(GRPOTrainer):
         if not self.model.training:
             return super()._generate_and_score_completions(inputs)
         start = time.perf_counter()
-        if self.rollouts.depth == 0:
+        if self.auto_depth is not None:
+            self._set_depth(self.auto_depth.decide())
+        if self.rollouts.depth > 0 or self.auto_depth is not None:
+            self._metric("judge_ahead/depth", self.rollouts.depth)
+        if self.rollouts.depth == 0 and not self.rollouts:  # (a queue left by a lowered lag trains first)
+            self._sampled += 1
             output = super()._generate_and_score_completions(inputs)
             judged = self.teacher_reward.last_judge_wall_s if self.teacher_reward is not None else 0.0
             self.times["generate_s"] += time.perf_counter() - start - judged  # includes TRL's scoring work
@@ -125,6 +163,23 @@ class TeacherGRPOTrainer(GRPOTrainer):
         self._check_failed_grades()
         self._prepare_sft()
         return output
+
+    def _set_depth(self, depth: int) -> None:
+        if depth != self.rollouts.depth:
+            auto = self.auto_depth
+            logger.info("Judging ahead: lag %d -> %d updates (teacher %.2f s a batch, step %.2f s without waiting).",
+                        self.rollouts.depth, depth, max(auto.latencies), statistics.median(auto.steps))
+            self.rollouts.depth = depth
+
+    def observe_step(self, step_s: float, times: dict[str, float]) -> None:
+        """Feed the auto lag one finished step's times (StepTimer calls this before it clears them)."""
+        self._steps_timed += 1
+        sampled, self._sampled = self._sampled, 0
+        if self.auto_depth is None:
+            return
+        # The first step loads and warms up; a step that sampled 0 or several batches is not a step's work.
+        usable = self._steps_timed > 1 and sampled == 1
+        self.auto_depth.observe(times.get("judge_s"), step_s - times.get("judge_wait_s", 0.0) if usable else None)
 
     def _train_on_queued(self, inputs):
         """Sample INPUTS (and, at the start, enough more to fill the queue); score and return the oldest rollout."""
@@ -219,7 +274,7 @@ class TeacherGRPOTrainer(GRPOTrainer):
         try:
             with checkpoints.saving(staging, f"checkpoint {name}", run):
                 super()._save_checkpoint(model, trial)
-                if self.rollouts.depth > 0:  # each process's sampled, not yet trained rollouts
+                if self.rollouts.depth > 0 or self.auto_depth is not None:  # sampled, not yet trained rollouts
                     (staging / name).mkdir(parents=True, exist_ok=True)
                     self.rollouts.save(judge_ahead.queue_file(staging / name, self.accelerator.process_index))
         finally:
@@ -229,6 +284,8 @@ class TeacherGRPOTrainer(GRPOTrainer):
             state = {"global_step": self.state.global_step, "consecutive_failed": self.consecutive_failed}
             if self.judge_spend is not None:
                 state[judge_spend.STATE_KEY] = self.judge_spend.state()
+            if self.auto_depth is not None:
+                state[judge_ahead.AUTO_STATE_KEY] = self.auto_depth.state()
             with checkpoints.saving(staging, f"checkpoint {name}", run):  # these write too (and fsync)
                 checkpoints.write_state(staging / name, state)
                 checkpoints.publish(staging / name, run / name)
@@ -242,8 +299,11 @@ class TeacherGRPOTrainer(GRPOTrainer):
         self.consecutive_failed = int(saved.get("consecutive_failed", 0))
         if self.judge_spend is not None:
             self.judge_spend.restore(Usage.from_dict(saved.get(judge_spend.STATE_KEY)))
+        if self.auto_depth is not None:
+            self.auto_depth.restore(saved.get(judge_ahead.AUTO_STATE_KEY))
+            self.rollouts.depth = self.auto_depth.depth
         queued = judge_ahead.queue_file(Path(checkpoint), self.accelerator.process_index)
-        if self.rollouts.depth > 0 and queued.is_file():
+        if (self.rollouts.depth > 0 or self.auto_depth is not None) and queued.is_file():
             for rollout in judge_ahead.RolloutQueue.load(queued, self.accelerator.device):
                 self._start_judging(rollout)  # answered by the judgement cache where graded before the stop
                 self.rollouts.append(rollout)
