@@ -142,7 +142,13 @@ class TeacherGRPOTrainer(GRPOTrainer):
             return super()._generate_and_score_completions(inputs)
         start = time.perf_counter()
         if self.auto_depth is not None:
-            self._set_depth(self.auto_depth.decide())
+            depth = self.auto_depth.decide()
+            if self.accelerator.num_processes > 1:
+                # Each process measures its own times; all must sample the same batches, or their collectives
+                # (reward gathering) would pair different calls and hang. The largest lag hides every teacher.
+                depth = max(gather_object([depth]))
+                self.auto_depth.depth = depth
+            self._set_depth(depth)
         if self.rollouts.depth > 0 or self.auto_depth is not None:
             self._metric("judge_ahead/depth", self.rollouts.depth)
         if self.rollouts.depth == 0 and not self.rollouts:  # (a queue left by a lowered lag trains first)
