@@ -173,8 +173,10 @@ class TeacherGRPOTrainer(GRPOTrainer):
     def _set_depth(self, depth: int) -> None:
         if depth != self.rollouts.depth:
             auto = self.auto_depth
-            logger.info("Judging ahead: lag %d -> %d updates (teacher %.2f s a batch, step %.2f s without waiting).",
-                        self.rollouts.depth, depth, max(auto.latencies), statistics.median(auto.steps))
+            # Another process's measurements may have set the lag (see the gather above) before this one has any.
+            measured = (f"teacher {max(auto.latencies):.2f} s a batch, step {statistics.median(auto.steps):.2f} s "
+                        "without waiting" if auto.latencies and auto.steps else "set by another process's measurements")
+            logger.info("Judging ahead: lag %d -> %d updates (%s).", self.rollouts.depth, depth, measured)
             self.rollouts.depth = depth
 
     def observe_step(self, step_s: float, times: dict[str, float]) -> None:
