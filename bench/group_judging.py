@@ -23,9 +23,9 @@ from pathlib import Path
 from grpo_llm_eval.config import Config
 from grpo_llm_eval.data.bundled import read_bundled
 from grpo_llm_eval.teacher import build_teacher
+from grpo_llm_eval.teacher.grading.group_prompt import GroupPrompt
+from grpo_llm_eval.teacher.grading.rubric import Rubric
 from grpo_llm_eval.teacher.group import partition
-from grpo_llm_eval.teacher.group_prompt import GroupPrompt
-from grpo_llm_eval.teacher.rubric import Rubric
 from grpo_llm_eval.teacher.types import JudgeRequest
 from grpo_llm_eval.testing import TeacherServer
 

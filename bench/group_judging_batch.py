@@ -35,7 +35,7 @@ from grpo_llm_eval.config import SEED_EVALUATION_PROMPT
 from grpo_llm_eval.config.load import load_config
 from grpo_llm_eval.evaluation.stats import auc_bootstrap_ci, roc_auc
 from grpo_llm_eval.teacher import build_teacher
-from grpo_llm_eval.teacher.rubric import Rubric
+from grpo_llm_eval.teacher.grading.rubric import Rubric
 from grpo_llm_eval.teacher.types import JudgeRequest
 from grpo_llm_eval.testing.teacher_server import TeacherServer
 from grpo_llm_eval.verifiers import answer_correct

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grpo_llm_eval.config import Config  # noqa: E402
 from grpo_llm_eval.data.bundled import read_bundled  # noqa: E402
 from grpo_llm_eval.teacher import build_teacher  # noqa: E402
-from grpo_llm_eval.teacher.rubric import Rubric  # noqa: E402
+from grpo_llm_eval.teacher.grading.rubric import Rubric  # noqa: E402
 from grpo_llm_eval.teacher.types import JudgeRequest  # noqa: E402
 from grpo_llm_eval.verifiers import answer_correct  # noqa: E402
 from teacher_ok_share import responses, roc_auc  # noqa: E402

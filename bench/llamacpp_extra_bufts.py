@@ -1,6 +1,6 @@
 """What the portable llama.cpp load costs: the offline default's local grading with ggml's extra buffer types
 (AMX, weight repacking; llama.cpp's default) against without them (this project's default since they crashed
-a VM whose CPU reports AMX; teacher/llamacpp.py).
+a VM whose CPU reports AMX; teacher/backends/llamacpp.py).
 
 Both teachers are loaded side by side in this process on the bundled SmolLM2-135M-Instruct and grade the
 same responses (bench/teacher_ok_share.py's, 4 per question as a GRPO group) in rounds, each arm first in every
@@ -45,9 +45,9 @@ def main() -> int:
 
     from grpo_llm_eval.config.load import load_config
     from grpo_llm_eval.data.bundled import read_bundled
-    from grpo_llm_eval.teacher.llamacpp import ENV_EXTRA_BUFTS
-    from grpo_llm_eval.teacher.local_backend import LocalTeacher
-    from grpo_llm_eval.teacher.rubric import Rubric
+    from grpo_llm_eval.teacher.backends.llamacpp import ENV_EXTRA_BUFTS
+    from grpo_llm_eval.teacher.backends.local_backend import LocalTeacher
+    from grpo_llm_eval.teacher.grading.rubric import Rubric
     from grpo_llm_eval.teacher.types import JudgeRequest
 
     cfg = load_config(None, ["teacher_cache=false"])

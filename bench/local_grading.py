@@ -6,7 +6,7 @@ GRPO batch is) with the bundled SmolLM2-135M-Instruct in-process, one after the 
     grammar   the previous offline default: the seed's prompt, JSON-schema grammar, compact grade
               (teacher_structured_output: true, teacher_logprob_scores: false, 64 feedback tokens)
     forced    the offline default now: its task prompt (per-grade text last), forced JSON keys and scores
-              read from digit probabilities, 8 tokens of explanation (teacher/local_scores.py)
+              read from digit probabilities, 8 tokens of explanation (teacher/backends/local_scores.py)
 
 Prints seconds per grade (model load not counted), the ratio, and each arm's answer ROC AUC.
 
@@ -28,8 +28,8 @@ from teacher_ok_share import responses, roc_auc  # noqa: E402
 
 
 def grade(cfg, items, threads: int) -> tuple[float, list]:
-    from grpo_llm_eval.teacher.local_backend import LocalTeacher
-    from grpo_llm_eval.teacher.rubric import Rubric
+    from grpo_llm_eval.teacher.backends.local_backend import LocalTeacher
+    from grpo_llm_eval.teacher.grading.rubric import Rubric
     from grpo_llm_eval.teacher.types import JudgeRequest
 
     teacher = LocalTeacher(cfg, Rubric.from_config(cfg), n_threads=threads)

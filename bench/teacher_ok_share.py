@@ -8,7 +8,7 @@ configured as configs/offline.yaml says (max_feedback_new_tokens, temperature 0,
 
     plain        free-text grade, parsed (XML or JSON), with the seed's prompt (which shows the XML format)
     structured   JSON-schema-constrained grade (llama.cpp grammar)
-    logprob      forced JSON keys, probability-weighted scores from the digit tokens (teacher/local_scores.py;
+    logprob      forced JSON keys, probability-weighted scores from the digit tokens (teacher/backends/local_scores.py;
                  the offline default)
     scripted-api a correct scripted teacher over the OpenAI API (our test server on loopback, structured
                  output), as the ablation's scripted_teacher arm uses: the reference of a judge that can teach
@@ -59,8 +59,8 @@ def roc_auc(scores: list[float], labels: list[bool]) -> float | None:
 def run_setting(base_cfg, name: str, items, labels) -> dict:
     import dataclasses
 
-    from grpo_llm_eval.teacher.local_backend import LocalTeacher
-    from grpo_llm_eval.teacher.rubric import Rubric
+    from grpo_llm_eval.teacher.backends.local_backend import LocalTeacher
+    from grpo_llm_eval.teacher.grading.rubric import Rubric
     from grpo_llm_eval.teacher.types import JudgeRequest
 
     structured, logprobs = SETTINGS[name]

@@ -72,8 +72,8 @@ def requests(n: int):
 
 def teacher(url: str, concurrency: int, feedback_tokens: int, timeout_s: float, adaptive: bool):
     from grpo_llm_eval.config.load import load_config
-    from grpo_llm_eval.teacher.openai_backend import OpenAITeacher
-    from grpo_llm_eval.teacher.rubric import Rubric
+    from grpo_llm_eval.teacher.backends.openai_backend import OpenAITeacher
+    from grpo_llm_eval.teacher.grading.rubric import Rubric
 
     cfg = load_config(None, ["teacher_backend=openai", f"teacher_model_name={ALIAS}", f"openai_base_url={url}",
                              f"teacher_max_concurrency={concurrency}", "teacher_max_retries=3",

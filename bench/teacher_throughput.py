@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _teacher(base_url: str, model: str, concurrency: int, feedback_tokens: int):
     from grpo_llm_eval.config.load import load_config
-    from grpo_llm_eval.teacher.openai_backend import OpenAITeacher
-    from grpo_llm_eval.teacher.rubric import Rubric
+    from grpo_llm_eval.teacher.backends.openai_backend import OpenAITeacher
+    from grpo_llm_eval.teacher.grading.rubric import Rubric
 
     cfg = load_config(None, ["teacher_backend=openai", f"teacher_model_name={model}", f"openai_base_url={base_url}",
                              f"teacher_max_concurrency={concurrency}", "teacher_max_retries=0", "teacher_timeout_s=600",

@@ -9,9 +9,9 @@ import sqlite3
 import pytest
 
 from grpo_llm_eval.config import Config
+from grpo_llm_eval.teacher.backends.openai_backend import OpenAITeacher
 from grpo_llm_eval.teacher.cache import CachedTeacher, JudgementCache, cache_key, flags_from_config
-from grpo_llm_eval.teacher.openai_backend import OpenAITeacher
-from grpo_llm_eval.teacher.rubric import Rubric
+from grpo_llm_eval.teacher.grading.rubric import Rubric
 from grpo_llm_eval.teacher.types import Judgement, JudgeRequest
 from grpo_llm_eval.testing import TeacherServer
 from tests.conftest import judge_once

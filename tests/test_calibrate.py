@@ -15,7 +15,7 @@ from grpo_llm_eval.config import SEED_EVALUATION_PROMPT
 from grpo_llm_eval.config.load import load_config
 from grpo_llm_eval.evaluation.calibrate import MASTER_KEYS, calibrate, measure, verdict
 from grpo_llm_eval.evaluation.report import build_report
-from grpo_llm_eval.teacher.rubric import Rubric
+from grpo_llm_eval.teacher.grading.rubric import Rubric
 from grpo_llm_eval.testing.teacher_server import TeacherServer
 from grpo_llm_eval.training.records import read_jsonl
 from tests.conftest import CACHE_DIR, tiny_overrides

@@ -10,8 +10,8 @@ from grpo_llm_eval.config import Config
 from grpo_llm_eval.config.load import ConfigError, load_config, validate
 from grpo_llm_eval.rewards import TeacherRubricReward
 from grpo_llm_eval.teacher import build_teacher
+from grpo_llm_eval.teacher.grading.rubric import Rubric
 from grpo_llm_eval.teacher.group import GroupTeacher
-from grpo_llm_eval.teacher.rubric import Rubric
 from grpo_llm_eval.teacher.types import JudgeRequest
 from grpo_llm_eval.testing import TeacherServer
 from grpo_llm_eval.training.records import read_jsonl

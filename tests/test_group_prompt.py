@@ -1,4 +1,4 @@
-"""Group prompts and group grades (teacher/group_prompt.py): fences, schema, and reading N grades from one answer."""
+"""Group prompts and group grades (teacher/grading/group_prompt.py): fences, schema, and reading N grades from one answer."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from grpo_llm_eval.teacher.group_prompt import GroupPrompt, labels
-from grpo_llm_eval.teacher.rubric import Rubric, seed_criteria
+from grpo_llm_eval.teacher.grading.group_prompt import GroupPrompt, labels
+from grpo_llm_eval.teacher.grading.rubric import Rubric, seed_criteria
 
 
 @pytest.fixture

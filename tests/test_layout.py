@@ -19,12 +19,21 @@ def imported_after(modules: list[str]) -> set[str]:
 
 class TestLayout:
     def test_the_teacher_imports_nothing_from_config_training_or_evaluation(self):
-        """Before: config.py imported the teacher's backend registry and teacher/rubric.py imported config.py's
+        """Before: config.py imported the teacher's backend registry and teacher/grading/rubric.py imported config.py's
         seed prompt, a cycle. The teacher is the lower layer: config, training and evaluation use it."""
-        teacher = sorted(f"grpo_llm_eval.teacher.{p.stem}" for p in (PKG / "teacher").glob("*.py")
-                         if p.stem not in ("__init__", "__main__"))
+        teacher = sorted("grpo_llm_eval." + ".".join(p.relative_to(PKG).with_suffix("").parts)
+                         for p in (PKG / "teacher").rglob("*.py") if p.stem not in ("__init__", "__main__"))
+        assert "grpo_llm_eval.teacher.backends.openai_backend" in teacher and "grpo_llm_eval.teacher.grading.rubric" in teacher
         loaded = imported_after(teacher)
         assert not {m for m in loaded if m.split(".")[1] in ("config", "training", "evaluation", "data")}, loaded
+
+    def test_the_teacher_shows_its_two_halves(self):
+        """Backends (transport, processes) in teacher/backends/, the rubric and its parsing in teacher/grading/; the
+        wrappers and the spend stay beside them. Grading never imports a backend."""
+        top = {p.stem for p in (PKG / "teacher").glob("*.py")}
+        assert not top & {"openai_backend", "local_backend", "llamacpp", "probe", "rubric", "parse", "group_prompt"}, top
+        grading = sorted(f"grpo_llm_eval.teacher.grading.{p.stem}" for p in (PKG / "teacher" / "grading").glob("*.py"))
+        assert not {m for m in imported_after(grading) if m.startswith("grpo_llm_eval.teacher.backends")}
 
     def test_config_does_not_import_training_or_evaluation(self):
         loaded = imported_after(["grpo_llm_eval.config", "grpo_llm_eval.config.load", "grpo_llm_eval.config.doc"])

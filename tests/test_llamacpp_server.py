@@ -23,8 +23,8 @@ from grpo_llm_eval.config import Config
 from grpo_llm_eval.config.load import load_config
 from grpo_llm_eval.models import bundled_gguf_path
 from grpo_llm_eval.teacher import build_teacher
-from grpo_llm_eval.teacher.openai_backend import OpenAITeacher
-from grpo_llm_eval.teacher.rubric import Rubric
+from grpo_llm_eval.teacher.backends.openai_backend import OpenAITeacher
+from grpo_llm_eval.teacher.grading.rubric import Rubric
 from grpo_llm_eval.teacher.types import JudgeRequest
 from grpo_llm_eval.training.records import read_jsonl
 from grpo_llm_eval.training.train import train
@@ -48,14 +48,14 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve(log_path: Path, logits_all: bool):
-    """llama.cpp's server on the bundled GGUF, started as the docs start it (`python -m grpo_llm_eval.teacher.llamacpp`,
+    """llama.cpp's server on the bundled GGUF, started as the docs start it (`python -m grpo_llm_eval.teacher.backends.llamacpp`,
     which is `python -m llama_cpp.server` with the portable model defaults); yields its base URL; always stopped.
 
     logits_all: llama-cpp-python needs it for logprobs, and it costs the logits of every prompt token
     (prompt x 49k vocabulary), several times slower on a small CPU; so it is on only where logprobs are asked.
     """
     port = free_port()
-    command = [sys.executable, "-m", "grpo_llm_eval.teacher.llamacpp", "--model", str(bundled_gguf_path("smollm2-135m-instruct")),
+    command = [sys.executable, "-m", "grpo_llm_eval.teacher.backends.llamacpp", "--model", str(bundled_gguf_path("smollm2-135m-instruct")),
                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--model_alias", ALIAS,
                # One thread: on a busy 2-core machine llama.cpp's spinning threads slow each other down 2-7x.
                "--n_threads", "1", "--n_threads_batch", "1", "--logits_all", str(logits_all).lower()]
@@ -76,7 +76,7 @@ def serve(log_path: Path, logits_all: bool):
                     pytest.fail(f"llama_cpp.server did not answer /v1/models in 180 s: {log_path.read_text()[-2000:]}")
                 time.sleep(0.5)
         assert served == [ALIAS]
-        # The portable load (no AMX or repacked weights: teacher/llamacpp.py) holds in the server too.
+        # The portable load (no AMX or repacked weights: teacher/backends/llamacpp.py) holds in the server too.
         assert "use_extra_bufts=False" in log_path.read_text(errors="replace")
         yield url
     finally:

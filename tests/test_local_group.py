@@ -9,10 +9,10 @@ import json
 import pytest
 
 from grpo_llm_eval.config.load import load_config
-from grpo_llm_eval.teacher.group_prompt import labels
-from grpo_llm_eval.teacher.local_backend import LocalTeacher
-from grpo_llm_eval.teacher.local_scores import forced_scale
-from grpo_llm_eval.teacher.rubric import Rubric
+from grpo_llm_eval.teacher.backends.local_backend import LocalTeacher
+from grpo_llm_eval.teacher.backends.local_scores import forced_scale
+from grpo_llm_eval.teacher.grading.group_prompt import labels
+from grpo_llm_eval.teacher.grading.rubric import Rubric
 from grpo_llm_eval.teacher.types import GroupCall
 
 QUESTION = "What is 19 + 25? Give only the final number."

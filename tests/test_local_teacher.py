@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from grpo_llm_eval.config.load import load_config
-from grpo_llm_eval.teacher.local_backend import LocalTeacher
-from grpo_llm_eval.teacher.rubric import Rubric
+from grpo_llm_eval.teacher.backends.local_backend import LocalTeacher
+from grpo_llm_eval.teacher.grading.rubric import Rubric
 from grpo_llm_eval.teacher.types import JudgeRequest
 
 RIGHT = JudgeRequest("What is 19 + 25? Give only the final number.", "44", "44")

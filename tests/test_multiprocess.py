@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from grpo_llm_eval.config.load import load_config
-from grpo_llm_eval.teacher.openai_backend import OpenAITeacher
-from grpo_llm_eval.teacher.rubric import Rubric
+from grpo_llm_eval.teacher.backends.openai_backend import OpenAITeacher
+from grpo_llm_eval.teacher.grading.rubric import Rubric
 from grpo_llm_eval.teacher.types import JudgeRequest
 from grpo_llm_eval.testing.teacher_server import TeacherServer
 from grpo_llm_eval.training.records import read_jsonl

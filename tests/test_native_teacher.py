@@ -19,10 +19,10 @@ import pytest
 
 from grpo_llm_eval.config.load import load_config
 from grpo_llm_eval.models import bundled_gguf_path
-from grpo_llm_eval.teacher.llamacpp import ENV_EXTRA_BUFTS
-from grpo_llm_eval.teacher.local_backend import LocalTeacher
-from grpo_llm_eval.teacher.probe import check_in_child
-from grpo_llm_eval.teacher.rubric import Rubric
+from grpo_llm_eval.teacher.backends.llamacpp import ENV_EXTRA_BUFTS
+from grpo_llm_eval.teacher.backends.local_backend import LocalTeacher
+from grpo_llm_eval.teacher.backends.probe import check_in_child
+from grpo_llm_eval.teacher.grading.rubric import Rubric
 from grpo_llm_eval.teacher.types import TeacherUnavailable
 
 from .conftest import CACHE_DIR
@@ -61,10 +61,10 @@ class TestPortableLoad:
             teacher.close_now()
 
     def test_a_plain_llama_loaded_after_the_portable_defaults_skips_them_and_completes(self):
-        """What `python -m grpo_llm_eval.teacher.llamacpp` (the server) and bench scripts rely on: the bare
+        """What `python -m grpo_llm_eval.teacher.backends.llamacpp` (the server) and bench scripts rely on: the bare
         completion that crashed on the AMX machine, in a child process."""
         proc = run_python(f"""
-            from grpo_llm_eval.teacher.llamacpp import use_portable_defaults
+            from grpo_llm_eval.teacher.backends.llamacpp import use_portable_defaults
             assert use_portable_defaults()
             from llama_cpp import Llama
             llm = Llama(model_path={str(bundled_gguf_path("smollm2-135m-instruct"))!r}, n_ctx=256, n_threads=1,
@@ -79,7 +79,7 @@ class TestPortableLoad:
     def test_the_environment_variable_gives_llama_cpp_its_default_back(self):
         """No model is loaded here (on an AMX VM that would crash): only the parameters are compared."""
         code = """
-            from grpo_llm_eval.teacher.llamacpp import use_portable_defaults
+            from grpo_llm_eval.teacher.backends.llamacpp import use_portable_defaults
             import llama_cpp.llama_cpp as lib
             print(use_portable_defaults(), lib.llama_model_default_params().use_extra_bufts)
         """
@@ -171,11 +171,11 @@ class TestLaterNativeCrashes:
 
 class TestPinnedBuild:
     def test_the_pinned_llama_cpp_python_is_the_one_installed_and_the_one_the_fix_message_names(self):
-        """teacher/llamacpp.py writes a field of llama.cpp's C struct, whose layout moves between releases; the
+        """teacher/backends/llamacpp.py writes a field of llama.cpp's C struct, whose layout moves between releases; the
         rebuild command in the crash message must install the same release."""
         from importlib.metadata import version
 
-        from grpo_llm_eval.teacher.probe import LLAMA_PIN
+        from grpo_llm_eval.teacher.backends.probe import LLAMA_PIN
 
         pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
         (pin,) = re.findall(r'"llama-cpp-python\[server\](==[\d.]+)"', pyproject)

@@ -15,8 +15,8 @@ import time
 import pytest
 
 from grpo_llm_eval.config import Config
-from grpo_llm_eval.teacher.openai_backend import OpenAITeacher, retry_after_seconds
-from grpo_llm_eval.teacher.rubric import Rubric
+from grpo_llm_eval.teacher.backends.openai_backend import OpenAITeacher, retry_after_seconds
+from grpo_llm_eval.teacher.grading.rubric import Rubric
 from grpo_llm_eval.teacher.types import JudgeRequest, TeacherUnavailable
 from grpo_llm_eval.testing import FAULT_KINDS, TeacherServer
 from grpo_llm_eval.testing.teacher_server import request_key

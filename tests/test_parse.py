@@ -1,4 +1,4 @@
-"""Spec of reading a teacher's grade (grpo_llm_eval.teacher.parse), through the Rubric that users call."""
+"""Spec of reading a teacher's grade (grpo_llm_eval.teacher.grading.parse), through the Rubric that users call."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grpo_llm_eval.teacher.parse import MAX_PARSE_CHARS, score_value
-from grpo_llm_eval.teacher.rubric import Criterion, Rubric, seed_criteria
+from grpo_llm_eval.teacher.grading.parse import MAX_PARSE_CHARS, score_value
+from grpo_llm_eval.teacher.grading.rubric import Criterion, Rubric, seed_criteria
 
 SEED = Rubric(seed_criteria())
 NAMES = ["thought_process", "answer", "format"]

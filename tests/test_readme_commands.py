@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo_llm_eval.teacher.local_backend import usable_cores
+from grpo_llm_eval.teacher.backends.local_backend import usable_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 

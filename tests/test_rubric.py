@@ -8,7 +8,7 @@ import re
 import pytest
 
 from grpo_llm_eval.config import SEED_EVALUATION_PROMPT, Config
-from grpo_llm_eval.teacher.rubric import Criterion, Rubric, render, seed_criteria
+from grpo_llm_eval.teacher.grading.rubric import Criterion, Rubric, render, seed_criteria
 
 SEED = Rubric.from_config(Config())
 CUSTOM = [

@@ -13,7 +13,7 @@ from grpo_llm_eval.config.load import load_config
 from grpo_llm_eval.data import build_prompts, load_rows
 from grpo_llm_eval.rewards import TeacherRubricReward
 from grpo_llm_eval.teacher import build_teacher
-from grpo_llm_eval.teacher.rubric import Rubric
+from grpo_llm_eval.teacher.grading.rubric import Rubric
 from grpo_llm_eval.testing.teacher_server import TeacherServer
 from grpo_llm_eval.training import sft
 from grpo_llm_eval.training.records import RolloutRecorder, read_jsonl

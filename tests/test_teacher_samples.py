@@ -15,7 +15,7 @@ from grpo_llm_eval.evaluation.calibrate import MASTER_KEYS, calibrate, measure
 from grpo_llm_eval.rewards import TeacherRubricReward
 from grpo_llm_eval.teacher import build_teacher
 from grpo_llm_eval.teacher.cache import JudgementCache
-from grpo_llm_eval.teacher.rubric import Rubric
+from grpo_llm_eval.teacher.grading.rubric import Rubric
 from grpo_llm_eval.teacher.samples import SampledTeacher
 from grpo_llm_eval.teacher.types import JudgeRequest
 from grpo_llm_eval.testing.teacher_server import TeacherServer
@@ -157,7 +157,7 @@ class TestLocalDecodedSamples:
     def test_each_sample_draws_with_its_own_seed_and_a_repeat_of_one_sample_is_the_same_draw(self):
         """Would have caught: the local backend seeded every decoded grade with the run's seed, so k samples at
         teacher_temperature > 0 were k copies of one draw."""
-        from grpo_llm_eval.teacher.local_backend import LocalTeacher
+        from grpo_llm_eval.teacher.backends.local_backend import LocalTeacher
 
         cfg = load_config(None, ["teacher_logprob_scores=false", "teacher_temperature=1.0",
                                  "max_feedback_new_tokens=40"])

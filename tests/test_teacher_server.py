@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from grpo_llm_eval.teacher.rubric import Criterion, Rubric, seed_criteria
+from grpo_llm_eval.teacher.grading.rubric import Criterion, Rubric, seed_criteria
 from grpo_llm_eval.testing import FAULT_KINDS, TeacherServer
 from grpo_llm_eval.testing.teacher_server import GARBAGE, scripted_grade
 

@@ -8,8 +8,8 @@ import asyncio
 import pytest
 
 from grpo_llm_eval.config import Config
-from grpo_llm_eval.teacher.openai_backend import OpenAITeacher
-from grpo_llm_eval.teacher.rubric import Rubric
+from grpo_llm_eval.teacher.backends.openai_backend import OpenAITeacher
+from grpo_llm_eval.teacher.grading.rubric import Rubric
 from grpo_llm_eval.teacher.usage import Prices, Usage
 from grpo_llm_eval.testing import TeacherServer
 from tests.conftest import judge_once

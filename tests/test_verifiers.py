@@ -86,7 +86,7 @@ _TOWER_CHILD = r"""
 import json, sys, threading, time
 from grpo_llm_eval.config.load import load_config
 from grpo_llm_eval.rewards import TeacherRubricReward
-from grpo_llm_eval.teacher.rubric import Rubric
+from grpo_llm_eval.teacher.grading.rubric import Rubric
 from grpo_llm_eval.verifiers import answer_correct
 
 tower, overrides = sys.argv[1], sys.argv[2:]

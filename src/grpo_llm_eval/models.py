@@ -11,6 +11,8 @@ import importlib.util
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,36 +49,71 @@ def bundled_gguf_path(name: str) -> Path:
 
 
 def convert_bundled(name: str, cache_dir: str) -> Path:
-    """Convert a bundled GGUF model once into a trainable safetensors folder; returns the folder."""
+    """Convert a bundled GGUF model once into a trainable safetensors folder; returns the folder.
+
+    The conversion runs in a child interpreter: under `accelerate launch` torch.distributed is initialized here,
+    and transformers' save_pretrained then writes weights on global rank 0 only. Rank 1 would publish a folder
+    holding a tokenizer and no model, first (it has less to write), and every later load fails on it."""
     target = Path(cache_dir).expanduser() / "bundled" / name
     if (target / "config.json").is_file():
         return target
     gguf = bundled_gguf_path(name)
     logger.info("Converting bundled model %s from GGUF to safetensors under %s (once, about 20 s)", name, target)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        # The GGUF loader marks the model quantized; the weights are already dequantized to fp32.
-        model.hf_quantizer = None
-        model.config.quantization_config = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.is_quantized = False
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV}
+        done = subprocess.run([sys.executable, "-m", "grpo_llm_eval.models", str(gguf), str(tmp)], env=env,
+                              capture_output=True, text=True)
+        if done.returncode != 0 or not (tmp / "config.json").is_file() or not any(tmp.glob("*.safetensors")):
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+            raise ModelError(f"bundled:{name}: converting {gguf.name} to safetensors failed ({tail}); free disk space "
+                             f"under {target.parent} or set cache_dir to a writable folder, then run again.")
         try:
             os.rename(tmp, target)
         except OSError:
-            if not (target / "config.json").is_file():  # another process won the race: keep theirs
-                raise
+            if not (target / "config.json").is_file():  # not another process's whole model: a broken one, replace it
+                _replace_broken(target, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _replace_broken(target: Path, fresh: Path) -> None:
+    """Move aside a published folder that holds no model (an older release published one from a distributed rank
+    that saved only the tokenizer), then publish FRESH in its place."""
+    logger.warning("%s holds no model (config.json missing): replacing it with a fresh conversion", target)
+    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}-broken-", dir=target.parent))
+    try:
+        os.rename(target, trash / target.name)
+        os.rename(fresh, target)
+    except OSError:
+        if not (target / "config.json").is_file():  # another process replaced it first: theirs is as good
+            raise
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+# What makes a child process join the parent's process group; the converting child must run alone.
+_DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                    "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP")
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    """The child's work: load the GGUF with transformers, drop the quantized flag, save plain safetensors."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF loader marks the model quantized; the weights are already dequantized to fp32.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
 
 
 def resolve_model_path(name: str, cache_dir: str) -> str:
@@ -141,3 +178,7 @@ def lora_config(cfg):
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
+
+
+if __name__ == "__main__":  # the child of convert_bundled: python -m grpo_llm_eval.models GGUF OUT
+    _convert(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from grpo_llm_eval.config import Config
 from grpo_llm_eval.config.load import load_config
-from grpo_llm_eval.teacher.openai_backend import OpenAITeacher
-from grpo_llm_eval.teacher.rubric import Rubric
+from grpo_llm_eval.teacher.backends.openai_backend import OpenAITeacher
+from grpo_llm_eval.teacher.grading.rubric import Rubric
 from tests.conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,8 +8,8 @@ import tracemalloc
 
 import pytest
 
-from grpo_llm_eval.teacher.grading import MAX_CONTENT_CHARS, judgement_from_completion
-from grpo_llm_eval.teacher.rubric import Rubric, seed_criteria
+from grpo_llm_eval.teacher.grading.completion import MAX_CONTENT_CHARS, judgement_from_completion
+from grpo_llm_eval.teacher.grading.rubric import Rubric, seed_criteria
 from grpo_llm_eval.teacher.types import JudgeRequest
 from grpo_llm_eval.testing import TeacherServer
 from grpo_llm_eval.testing.grades import adversarial_text

@@ -11,7 +11,7 @@ import pytest
 
 from grpo_llm_eval.config import Config
 from grpo_llm_eval.rewards import TeacherRubricReward
-from grpo_llm_eval.teacher.rubric import Rubric, render, seed_criteria
+from grpo_llm_eval.teacher.grading.rubric import Rubric, render, seed_criteria
 from grpo_llm_eval.testing import TeacherServer
 from grpo_llm_eval.testing.grades import _FENCED, INJECTION, _xml, scripted_grade
 from tests.reliability.helpers import run_async, teacher_at

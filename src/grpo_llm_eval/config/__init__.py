@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from grpo_llm_eval.teacher import BACKENDS, JUDGE_MODES
-from grpo_llm_eval.teacher.rubric import SEED_EVALUATION_PROMPT
+from grpo_llm_eval.teacher.grading.rubric import SEED_EVALUATION_PROMPT
 
 SEED_SYSTEM_PROMPT = "Respond in the following format:\n<think>\n...\n</think>\n...\n$\\boxed{answer}$"
 BUNDLED_STUDENT = "bundled:smollm2-135m-instruct"

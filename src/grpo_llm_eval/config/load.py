@@ -169,8 +169,8 @@ def _check_grade_room(cfg: Config, problems: list[str]) -> None:
     (openai; local without forced-key scores, whose explanation alone is decoded and may be short). The
     forced-key scorer needs integer scales within 0..99 (and a tokenizer that writes digits singly, which
     only the loaded teacher can tell: a grade cut off there is recorded 'truncated' with a warning)."""
-    from grpo_llm_eval.teacher.local_scores import forced_scale  # the teacher package imports Config
-    from grpo_llm_eval.teacher.rubric import Rubric
+    from grpo_llm_eval.teacher.backends.local_scores import forced_scale  # the teacher package imports Config
+    from grpo_llm_eval.teacher.grading.rubric import Rubric
 
     rubric = Rubric.from_config(cfg)
     if (cfg.teacher_backend == "local" and cfg.teacher_logprob_scores
@@ -190,8 +190,8 @@ def _check_samples(cfg: Config, problems: list[str], criteria_ok: bool) -> None:
     CRITERIA_OK: the criteria passed their checks, so the rubric can be built."""
     if cfg.teacher_samples <= 1:
         return
-    from grpo_llm_eval.teacher.local_scores import forced_scale
-    from grpo_llm_eval.teacher.rubric import Rubric
+    from grpo_llm_eval.teacher.backends.local_scores import forced_scale
+    from grpo_llm_eval.teacher.grading.rubric import Rubric
 
     if cfg.teacher_temperature == 0:
         problems.append(

@@ -35,7 +35,7 @@ from grpo_llm_eval import data as data_mod
 from grpo_llm_eval.evaluation import evaluate as ev
 from grpo_llm_eval.evaluation import stats
 from grpo_llm_eval.teacher import build_teacher
-from grpo_llm_eval.teacher.rubric import Rubric
+from grpo_llm_eval.teacher.grading.rubric import Rubric
 from grpo_llm_eval.teacher.types import JudgeRequest
 from grpo_llm_eval.training.records import JsonlWriter, dumps, read_jsonl
 

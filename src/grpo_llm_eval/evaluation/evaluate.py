@@ -27,7 +27,7 @@ from grpo_llm_eval.evaluation import stats
 from grpo_llm_eval.models import ModelError, resolve_model_path
 from grpo_llm_eval.rewards import TeacherRubricReward
 from grpo_llm_eval.teacher import build_teacher
-from grpo_llm_eval.teacher.rubric import Rubric
+from grpo_llm_eval.teacher.grading.rubric import Rubric
 from grpo_llm_eval.teacher.types import JudgeRequest
 from grpo_llm_eval.teacher.usage import usage_summary
 from grpo_llm_eval.training.records import JsonlWriter, dumps, read_jsonl

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from grpo_llm_eval.teacher import build_teacher
-from grpo_llm_eval.teacher.rubric import Rubric
+from grpo_llm_eval.teacher.grading.rubric import Rubric
 from grpo_llm_eval.teacher.types import JudgeRequest
 from grpo_llm_eval.teacher.usage import usage_summary
 from grpo_llm_eval.training.records import JsonlWriter, read_jsonl

@@ -24,11 +24,11 @@ def build_teacher(cfg, rubric, cache_path: Path | None = None):
 
 def _build_inner(cfg, rubric, cache_path: Path | None):
     if cfg.teacher_backend == "openai":
-        from grpo_llm_eval.teacher.openai_backend import OpenAITeacher
+        from grpo_llm_eval.teacher.backends.openai_backend import OpenAITeacher
 
         teacher = OpenAITeacher(cfg, rubric)
     elif cfg.teacher_backend == "local":
-        from grpo_llm_eval.teacher.local_backend import LocalTeacher
+        from grpo_llm_eval.teacher.backends.local_backend import LocalTeacher
 
         teacher = LocalTeacher(cfg, rubric)
     else:  # validated earlier; kept for library callers

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from grpo_llm_eval.teacher.transport import display_url
+from grpo_llm_eval.teacher.backends.transport import display_url
 from grpo_llm_eval.teacher.types import Judgement, JudgeRequest
 
 logger = logging.getLogger(__name__)

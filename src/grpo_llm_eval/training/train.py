@@ -13,7 +13,7 @@ from pathlib import Path
 from grpo_llm_eval import data as data_mod
 from grpo_llm_eval import models
 from grpo_llm_eval.teacher import build_teacher
-from grpo_llm_eval.teacher.rubric import Rubric
+from grpo_llm_eval.teacher.grading.rubric import Rubric
 from grpo_llm_eval.training import checkpoints, run_dir
 
 logger = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def _share_cpu_with_local_teacher(cfg) -> None:
 
     if torch.cuda.is_available():
         return
-    from grpo_llm_eval.teacher.local_backend import cores_per_process, default_threads, usable_cores
+    from grpo_llm_eval.teacher.backends.local_backend import cores_per_process, default_threads, usable_cores
 
     concurrent = cfg.teacher_weight > 0 and cfg.teacher_backend == "local" and cfg.judge_ahead_steps != 0
     threads = max(1, cores_per_process() - (default_threads() if concurrent else 0))

@@ -7,7 +7,7 @@ child process with the same model, threads and grading path. If the child dies, 
 any student is loaded, with one line naming the signal, the likely cause and the fix. It costs the child's
 start and one grade: about 2 s for the bundled model on 2 cores (measured in tests/test_native_teacher.py).
 
-``python -m grpo_llm_eval.teacher.probe`` is the child: it reads the config (JSON) on stdin and writes one
+``python -m grpo_llm_eval.teacher.backends.probe`` is the child: it reads the config (JSON) on stdin and writes one
 JSON line: the grade's status, its seconds, and the parameters the model was loaded with.
 """
 
@@ -58,7 +58,7 @@ def check_in_child(cfg, n_ctx: int, n_threads: int, gguf, timeout_s: float = 600
     payload = json.dumps({"config": dataclasses.asdict(cfg), "n_ctx": n_ctx, "n_threads": n_threads})
     start = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-X", "faulthandler", "-m", "grpo_llm_eval.teacher.probe"],
+        proc = subprocess.run([sys.executable, "-X", "faulthandler", "-m", "grpo_llm_eval.teacher.backends.probe"],
                               input=payload, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         raise TeacherUnavailable(
@@ -87,8 +87,8 @@ def check_in_child(cfg, n_ctx: int, n_threads: int, gguf, timeout_s: float = 600
 
 def _child() -> int:
     from grpo_llm_eval.config.load import validate
-    from grpo_llm_eval.teacher.local_backend import LocalTeacher
-    from grpo_llm_eval.teacher.rubric import Rubric
+    from grpo_llm_eval.teacher.backends.local_backend import LocalTeacher
+    from grpo_llm_eval.teacher.grading.rubric import Rubric
 
     try:
         payload = json.loads(sys.stdin.read())

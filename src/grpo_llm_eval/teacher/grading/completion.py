@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from grpo_llm_eval.teacher.parse import MAX_PARSE_CHARS
+from grpo_llm_eval.teacher.grading.parse import MAX_PARSE_CHARS
 from grpo_llm_eval.teacher.types import Judgement
 
 logger = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # rubric.py imports this module; the type is only needed for annotations
     from collections.abc import Sequence
 
-    from grpo_llm_eval.teacher.rubric import Criterion
+    from grpo_llm_eval.teacher.grading.rubric import Criterion
 
 MAX_PARSE_CHARS = 65_536
 MAX_JSON_CANDIDATES = 128
@@ -371,7 +371,7 @@ def logprob_scores(tokens: list[dict], criteria: Sequence[Criterion]) -> dict[st
     the criterion is None. None also when no position or no valid alternative is found; the caller then
     keeps the parsed score. Decimals are read at their first (integer) token.
 
-    >>> from grpo_llm_eval.teacher.rubric import Criterion
+    >>> from grpo_llm_eval.teacher.grading.rubric import Criterion
     >>> toks = [{"token": t, "logprob": 0.0, "top_logprobs": []} for t in ["<evaluation><answer><score>"]]
     >>> toks.append({"token": "8", "logprob": -0.1, "top_logprobs": [{"token": "8", "logprob": math.log(0.5)},
     ...              {"token": "6", "logprob": math.log(0.5)}]})

@@ -14,8 +14,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from grpo_llm_eval.teacher import parse as _parse
-from grpo_llm_eval.teacher.parse import Parsed
+from grpo_llm_eval.teacher.grading import parse as _parse
+from grpo_llm_eval.teacher.grading.parse import Parsed
 
 # The seed's teacher prompt (its XML format), the rubric's default; config.py uses it as evaluation_prompt's default.
 SEED_EVALUATION_PROMPT = (

@@ -16,13 +16,13 @@ import threading
 import time
 from pathlib import Path
 
-from grpo_llm_eval.teacher import local_group
-from grpo_llm_eval.teacher.grading import TruncationCheck, judgement_from_completion
-from grpo_llm_eval.teacher.group_grading import failed_group
-from grpo_llm_eval.teacher.group_prompt import GroupPrompt
+from grpo_llm_eval.teacher.backends import local_group
+from grpo_llm_eval.teacher.backends.local_scores import ForcedScorer
+from grpo_llm_eval.teacher.backends.probe import check_in_child
+from grpo_llm_eval.teacher.grading.completion import TruncationCheck, judgement_from_completion
+from grpo_llm_eval.teacher.grading.group_grading import failed_group
+from grpo_llm_eval.teacher.grading.group_prompt import GroupPrompt
 from grpo_llm_eval.teacher.limits import process_count
-from grpo_llm_eval.teacher.local_scores import ForcedScorer
-from grpo_llm_eval.teacher.probe import check_in_child
 from grpo_llm_eval.teacher.types import GroupCall, Judgement, JudgeRequest, TeacherUnavailable
 from grpo_llm_eval.teacher.usage import BudgetSpent, UsageMeter
 
@@ -99,7 +99,7 @@ class LocalTeacher:
     def __init__(self, cfg, rubric, n_ctx: int = 4096, n_threads: int | None = None, verbose: bool = False):
         self.cfg = cfg
         self.rubric = rubric
-        self.group_prompt = GroupPrompt(rubric)  # judge_mode: group (teacher/local_group.py)
+        self.group_prompt = GroupPrompt(rubric)  # judge_mode: group (teacher/backends/local_group.py)
         self.path = resolve_gguf(cfg.teacher_model_name)
         self.n_ctx = n_ctx
         self.verbose = verbose  # llama.cpp's own load and timing log on stderr
@@ -108,12 +108,12 @@ class LocalTeacher:
         self._scorer: ForcedScorer | None = None
         self._lock = threading.Lock()
         self._closing = threading.Event()  # set by aclose: a batch in progress stops after its current grade
-        self.check_first_in_child = True  # health_check grades once in a child process first (teacher/probe.py)
+        self.check_first_in_child = True  # health_check grades once in a child process first (teacher/backends/probe.py)
         self._truncation = TruncationCheck(rubric, cfg.max_feedback_new_tokens)  # decoded grades only
         self.usage = UsageMeter.from_config(cfg)  # tokens counted with the model's own tokenizer (usage.py)
 
     def _load(self, logits_all: bool):
-        from grpo_llm_eval.teacher.llamacpp import load_llama
+        from grpo_llm_eval.teacher.backends.llamacpp import load_llama
 
         return load_llama(str(self.path), n_ctx=self.n_ctx, n_threads=self.n_threads, n_threads_batch=self.n_threads,
                           logits_all=logits_all, seed=self.cfg.seed, verbose=self.verbose)
@@ -134,14 +134,14 @@ class LocalTeacher:
                     self._scorer = scorer
                 else:  # decoded grades with top_logprobs need logits for every position
                     logger.info("Logprob scores by grammar decoding: the forced-key scorer does not apply to %s "
-                                "(see teacher/local_scores.py).", self.path.name)
+                                "(see teacher/backends/local_scores.py).", self.path.name)
                     self._llm.close()
                     self._llm = self._load(logits_all=True)
         return self._llm
 
     async def health_check(self) -> None:
         """Grade a test response in a child process first (a native crash there ends nothing but the child;
-        teacher/probe.py), then load the model here."""
+        teacher/backends/probe.py), then load the model here."""
         if self.check_first_in_child and self._llm is None:
             await asyncio.to_thread(check_in_child, self.cfg, self.n_ctx, self.n_threads, self.path)
         try:
@@ -153,7 +153,7 @@ class LocalTeacher:
         return await asyncio.to_thread(self._judge_all, requests)
 
     async def judge_group(self, calls: list[GroupCall]) -> list[list[Judgement]]:
-        """Grade each call's responses in ONE local call (``judge_mode: group``, teacher/local_group.py), the calls
+        """Grade each call's responses in ONE local call (``judge_mode: group``, teacher/backends/local_group.py), the calls
         one after another; per call one Judgement per response in presentation order (a failed call fails each)."""
         return await asyncio.to_thread(self._judge_groups, calls)
 
@@ -239,7 +239,7 @@ class LocalTeacher:
         return self._truncation.apply(judgement, choice.get("finish_reason"), structured, compact=True)
 
     def _judge_forced(self, req: JudgeRequest) -> Judgement:
-        """Scores read from digit probabilities after forced JSON keys (teacher/local_scores.py)."""
+        """Scores read from digit probabilities after forced JSON keys (teacher/backends/local_scores.py)."""
         start = time.perf_counter()
         messages = self.rubric.messages(req.question, req.response, req.ground_truth, json_mode=True, compact=True)
         try:

@@ -30,9 +30,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from grpo_llm_eval.teacher import parse as _parse
-from grpo_llm_eval.teacher.parse import MAX_PARSE_CHARS, Parsed
-from grpo_llm_eval.teacher.rubric import FENCE_TAGS, NO_GROUND_TRUTH, Rubric, _num, render
+from grpo_llm_eval.teacher.grading import parse as _parse
+from grpo_llm_eval.teacher.grading.parse import MAX_PARSE_CHARS, Parsed
+from grpo_llm_eval.teacher.grading.rubric import FENCE_TAGS, NO_GROUND_TRUTH, Rubric, _num, render
 
 __all__ = ["GroupParsed", "GroupPrompt", "labels"]
 
@@ -91,7 +91,7 @@ def _status(scores: dict[str, float | None]) -> str:
 class GroupPrompt:
     """Renders group prompts, their schema, and reads group grades, for one rubric.
 
-    >>> from grpo_llm_eval.teacher.rubric import seed_criteria
+    >>> from grpo_llm_eval.teacher.grading.rubric import seed_criteria
     >>> g = GroupPrompt(Rubric(seed_criteria()))
     >>> g.parse("<evaluations><R1><answer><score>9</score></answer></R1></evaluations>", 1).grades[0].scores
     {'thought_process': None, 'answer': 9.0, 'format': None}

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from grpo_llm_eval.teacher.grading import MAX_CONTENT_CHARS
-from grpo_llm_eval.teacher.group_prompt import GroupPrompt
+from grpo_llm_eval.teacher.grading.completion import MAX_CONTENT_CHARS
+from grpo_llm_eval.teacher.grading.group_prompt import GroupPrompt
 from grpo_llm_eval.teacher.types import GroupCall, Judgement
 
 _GRADE_ERRORS = {

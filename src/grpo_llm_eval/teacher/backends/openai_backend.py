@@ -20,13 +20,13 @@ from dataclasses import dataclass
 
 import openai
 
+from grpo_llm_eval.teacher.backends.openai_failures import FailureHandling
+from grpo_llm_eval.teacher.backends.transport import display_url, retry_after_seconds, split_credentials  # noqa: F401 (tests import it from here)
 from grpo_llm_eval.teacher.gate import CallGate
-from grpo_llm_eval.teacher.grading import TruncationCheck, judgement_from_completion
-from grpo_llm_eval.teacher.group_grading import failed_group, group_judgements, split_usage
-from grpo_llm_eval.teacher.group_prompt import GroupPrompt
+from grpo_llm_eval.teacher.grading.completion import TruncationCheck, judgement_from_completion
+from grpo_llm_eval.teacher.grading.group_grading import failed_group, group_judgements, split_usage
+from grpo_llm_eval.teacher.grading.group_prompt import GroupPrompt
 from grpo_llm_eval.teacher.limits import AdaptiveConcurrency, process_count
-from grpo_llm_eval.teacher.openai_failures import FailureHandling
-from grpo_llm_eval.teacher.transport import display_url, retry_after_seconds, split_credentials  # noqa: F401 (tests import it from here)
 from grpo_llm_eval.teacher.types import GroupCall, Judgement, JudgeRequest, TeacherUnavailable
 from grpo_llm_eval.teacher.usage import BudgetSpent, UsageMeter
 

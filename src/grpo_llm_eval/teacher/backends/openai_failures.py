@@ -9,9 +9,9 @@ import random
 
 import openai
 
-from grpo_llm_eval.teacher.transport import retry_after_seconds
+from grpo_llm_eval.teacher.backends.transport import retry_after_seconds
 
-logger = logging.getLogger("grpo_llm_eval.teacher.openai_backend")  # the backend's logger: one place to filter
+logger = logging.getLogger("grpo_llm_eval.teacher.backends.openai_backend")  # the backend's logger: one place to filter
 
 # Statuses worth another attempt; anything else (a 400, a 404 model) will fail the same way again.
 _RETRY_CODES = frozenset({408, 409, 429})

@@ -18,7 +18,7 @@ the one seam is its call of ``llama_model_default_params()``: ``use_portable_def
 once per process so that its result has ``use_extra_bufts = False``. ``GRPO_LLM_EVAL_LLAMA_EXTRA_BUFTS=1``
 turns the extra buffer types back on, for a user who knows their CPU runs them.
 
-``python -m grpo_llm_eval.teacher.llamacpp --model X.gguf ...`` is ``python -m llama_cpp.server`` with the
+``python -m grpo_llm_eval.teacher.backends.llamacpp --model X.gguf ...`` is ``python -m llama_cpp.server`` with the
 same defaults (every argument is the server's).
 """
 

@@ -19,8 +19,8 @@ import hashlib
 import json
 import time
 
-from grpo_llm_eval.teacher.group_grading import failed_group, group_judgements
-from grpo_llm_eval.teacher.group_prompt import GroupPrompt, labels
+from grpo_llm_eval.teacher.grading.group_grading import failed_group, group_judgements
+from grpo_llm_eval.teacher.grading.group_prompt import GroupPrompt, labels
 from grpo_llm_eval.teacher.types import GroupCall, Judgement
 
 # Explanation bound of a decoded compact grade per label, as pointwise (local_backend): a 135M model rambles.
