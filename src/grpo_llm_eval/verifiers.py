@@ -21,6 +21,15 @@ def _strip_thinking(text: str, think_close: str) -> str:
     return text
 
 
+def answer_part(response: str, think_close: str = "</think>") -> str:
+    """The answer part of a response: what follows the last THINK_CLOSE, or all of it when there is none.
+
+    >>> answer_part("<think>a</think>b</think> c")
+    ' c'
+    """
+    return _strip_thinking(response or "", think_close)
+
+
 def _states_number(answer: str, gold: str) -> bool:
     """Whether ANSWER writes the number GOLD itself (thousands separators allowed), not only an expression of it."""
     value = float(gold)
@@ -92,3 +101,62 @@ def format_correct(response: str, think_open: str = "<think>", think_close: str 
     if start < 0 or end < 0 or text.count(think_open) != 1 or text.count(think_close) != 1:
         return False
     return bool(text[start + len(think_open):end].strip()) and bool(text[end + len(think_close):].strip())
+
+
+def _checkable(item) -> bool:
+    spec = item.get("check") if isinstance(item, dict) else None
+    return isinstance(spec, dict) and spec.get("type") is not None
+
+
+def _weight(item: dict) -> float:
+    weight = item.get("weight")
+    return 1.0 if weight is None else float(weight)
+
+
+def _checked(items, response: str) -> list[tuple[str, float, bool]]:
+    """(name, weight, passed) of each item of ITEMS that has a check."""
+    from grpo_llm_eval.data.constraints import check  # data/ imports this module: import at first use
+
+    return [(str(item.get("id") or item.get("criterion") or index), _weight(item), check(item["check"], response))
+            for index, item in enumerate(items or []) if _checkable(item)]
+
+
+def checklist_results(items, response: str) -> dict[str, bool]:
+    """Item id -> whether RESPONSE passes the item's programmatic check, for the items that have one.
+
+    ITEMS are rubric items `{id, criterion, description, weight, check}`; `check` is a constraint spec of
+    `grpo_llm_eval.data.constraints` (None, or absent, for an item only a teacher can grade). An item without
+    an id is named by its criterion, else by its position. Raises ValueError for a check that is not a valid
+    spec (`constraints.validate_spec` says why before a run).
+
+    >>> checklist_results([{"id": "no_commas", "check": {"type": "no_commas"}}, {"id": "tone", "check": None}],
+    ...                   "Hello, world")
+    {'no_commas': False}
+    """
+    return {name: passed for name, _, passed in _checked(items, response)}
+
+
+def checklist_score(items, response: str) -> float | None:
+    """Weighted share of the checkable items RESPONSE passes, in [0, 1]; None when no item has a check.
+
+    The explicit aggregation of Rubrics as Rewards and HealthBench: the weights of the items met over the sum
+    of the positive weights, clipped to [0, 1]. A negative weight is a pitfall: met, it subtracts. A missing
+    weight is 1. Only items with a `check` count, in the numerator and the denominator; None also when no
+    checkable item has a positive weight (nothing to earn).
+
+    >>> items = [{"id": "lowercase", "weight": 1.0, "check": {"type": "lowercase"}},
+    ...          {"id": "max_words", "weight": 3.0, "check": {"type": "max_words", "n": 3, "word": None}},
+    ...          {"id": "rude", "weight": -2.0, "check": {"type": "must_include", "word": "idiot"}}]
+    >>> checklist_score(items, "all lowercase here")
+    1.0
+    >>> checklist_score(items, "Four words, not lowercase")
+    0.0
+    >>> checklist_score(items, "you idiot")
+    0.5
+    """
+    checked = _checked(items, response)
+    total = sum(weight for _, weight, _ in checked if weight > 0)
+    if total <= 0:
+        return None
+    earned = sum(weight for _, weight, passed in checked if passed)
+    return min(1.0, max(0.0, earned / total))

@@ -1,6 +1,7 @@
 """Bundled datasets: small sets of verifiable problems shipped inside the package, for the offline default.
 
-`bundled:arithmetic` is generated here, deterministically, and shipped as JSONL under `assets/`.
+`bundled:arithmetic` is generated here, `bundled:instructions` in `instructions.py`; both deterministically,
+shipped as JSONL under `assets/`.
 Regenerate (or check the shipped files for drift) with::
 
     python -m grpo_llm_eval.data.bundled            # rewrite the files
@@ -225,7 +226,7 @@ class BundledDataset:
     """A bundled dataset: how to generate it and what it is."""
 
     description: str
-    generate: Callable[[], dict[str, list[dict[str, str]]]]
+    generate: Callable[[], dict[str, list[dict]]]
     splits: tuple[str, ...]
 
 
@@ -236,7 +237,23 @@ BUNDLED_DATASETS: dict[str, BundledDataset] = {
         generate_arithmetic,
         ("train", "test"),
     ),
+    "instructions": BundledDataset(
+        "400 short writing tasks (10 templates: describe to a child, advice, product blurb, ...) each with 2 to 4 "
+        "constraints a program checks, written out as instructions and as the row's rubric (one checklist item "
+        "per constraint, its spec under 'check'); answer empty. Rows with each type: max_words 191 (10..40 "
+        "words), ends_with_question 169, no_commas 137, starts_with 133, must_include 127, lowercase 122, "
+        "must_exclude 120, sentence_count 95 (exactly 1..3), min_words 59 (5..15), valid_json 37. "
+        "Train 340, held-out test 60.",
+        lambda: _generate_instructions(),
+        ("train", "test"),
+    ),
 }
+
+
+def _generate_instructions() -> dict[str, list[dict]]:
+    from grpo_llm_eval.data.instructions import generate_instructions  # it builds on this module's helpers
+
+    return generate_instructions()
 
 
 def asset_file(name: str, split: str) -> str:
