@@ -17,8 +17,10 @@ What the checks read (the same rules the instructions and checklist sentences st
   `e.g.x` do not end a sentence, but `Dr. Smith` does.
 - `valid_json` is one JSON object (`{...}`), the whole answer, optionally inside one ```json fence. A bare
   string or number is JSON too, but it does not show a model formatting its answer as asked.
-- `must_include` / `must_exclude` / `starts_with` compare whole words, case-insensitively: `friends` does not
-  contain the word `friend`.
+- `must_include` / `must_exclude` / `starts_with` look for the word case-insensitively, with no letter or digit
+  right before or after it: `friends` and `befriend` do not contain the word `friend`, `friend's` does (and
+  `well-known` contains `well`). `starts_with` skips what comes before the first letter or digit
+  (`**Imagine**`, `"Imagine`).
 - `ends_with_question`: the last character is `?`, closing quotes, brackets or markdown emphasis aside.
 
 >>> check({"type": "max_words", "n": 5, "word": None}, "<think>long musing here</think> Short and sweet.")
@@ -39,6 +41,7 @@ from grpo_llm_eval.verifiers import answer_part
 _WORD = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*")
 _SENTENCE_END = re.compile(r"[.!?]+['\"’”)\]*_]*(?=\s|$)")
 _TRAILING_CLOSERS = "'\"’”)]*_ \t\n"
+_LEADING = re.compile(r"[\W_]*")  # quotes, brackets, markdown before the first word
 _FENCE = re.compile(r"^```(?:json)?[ \t]*\n(.*)\n```$", re.DOTALL | re.IGNORECASE)
 
 
@@ -65,9 +68,17 @@ def sentences(text: str) -> list[str]:
     return [s for s in out if words(s)]
 
 
+def _word_pattern(word: str) -> re.Pattern:
+    """WORD, case-insensitive, with no letter or digit right before or after it."""
+    return re.compile(rf"(?<![^\W_]){re.escape(word)}(?![^\W_])", re.IGNORECASE)
+
+
 def _has_word(text: str, word: str) -> bool:
-    target = word.lower()
-    return any(w.lower() == target for w in words(text))
+    return _word_pattern(word).search(text) is not None
+
+
+def _starts_with(text: str, word: str) -> bool:
+    return _word_pattern(word).match(text, _LEADING.match(text).end()) is not None
 
 
 def _json_object(text: str) -> bool:
@@ -132,7 +143,7 @@ CONSTRAINT_TYPES: dict[str, ConstraintType] = {
         lambda a, t: not _has_word(t, a["word"]), _pick(EXCLUDE_WORDS)),
     "starts_with": ConstraintType(
         ("word",), 'Start your response with the word "{word}".', 'The first word of the response is "{word}".',
-        lambda a, t: words(t)[0].lower() == a["word"].lower(), _pick(START_WORDS)),
+        lambda a, t: _starts_with(t, a["word"]), _pick(START_WORDS)),
     "sentence_count": ConstraintType(
         ("n",), "Write exactly {n} {sentences}.", "The response has exactly {n} {sentences}.",
         lambda a, t: len(sentences(t)) == a["n"], lambda r: {"n": r(1, 3)}),
