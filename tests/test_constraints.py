@@ -170,3 +170,9 @@ class TestChecklistScore:
     def test_a_bad_check_raises_naming_the_type(self):
         with pytest.raises(ValueError, match="'max_words' needs the argument 'n'"):
             checklist_score([{"id": "m", "check": {"type": "max_words"}}], "a")
+
+    def test_only_the_answer_part_is_checked_with_the_configured_think_tag(self):
+        items = [{"id": "lowercase", "check": {"type": "lowercase"}}]
+        assert checklist_score(items, "<think>Upper</think>lower") == 1.0
+        assert checklist_score(items, "<reason>x</reason>lower", think_close="</reason>") == 1.0
+        assert checklist_results(items, "<reason>Upper</reason>lower") == {"lowercase": False}

@@ -113,30 +113,32 @@ def _weight(item: dict) -> float:
     return 1.0 if weight is None else float(weight)
 
 
-def _checked(items, response: str) -> list[tuple[str, float, bool]]:
+def _checked(items, response: str, think_close: str) -> list[tuple[str, float, bool]]:
     """(name, weight, passed) of each item of ITEMS that has a check."""
     from grpo_llm_eval.data.constraints import check  # data/ imports this module: import at first use
 
-    return [(str(item.get("id") or item.get("criterion") or index), _weight(item), check(item["check"], response))
+    return [(str(item.get("id") or item.get("criterion") or index), _weight(item),
+             check(item["check"], response, think_close))
             for index, item in enumerate(items or []) if _checkable(item)]
 
 
-def checklist_results(items, response: str) -> dict[str, bool]:
+def checklist_results(items, response: str, think_close: str = "</think>") -> dict[str, bool]:
     """Item id -> whether RESPONSE passes the item's programmatic check, for the items that have one.
 
     ITEMS are rubric items `{id, criterion, description, weight, check}`; `check` is a constraint spec of
     `grpo_llm_eval.data.constraints` (None, or absent, for an item only a teacher can grade). An item without
-    an id is named by its criterion, else by its position. Raises ValueError for a check that is not a valid
-    spec (`constraints.validate_spec` says why before a run).
+    an id is named by its criterion, else by its position. Only the answer part is checked (after the last
+    THINK_CLOSE). Raises ValueError for a check that is not a valid spec (`constraints.validate_spec` says
+    why before a run).
 
     >>> checklist_results([{"id": "no_commas", "check": {"type": "no_commas"}}, {"id": "tone", "check": None}],
     ...                   "Hello, world")
     {'no_commas': False}
     """
-    return {name: passed for name, _, passed in _checked(items, response)}
+    return {name: passed for name, _, passed in _checked(items, response, think_close)}
 
 
-def checklist_score(items, response: str) -> float | None:
+def checklist_score(items, response: str, think_close: str = "</think>") -> float | None:
     """Weighted share of the checkable items RESPONSE passes, in [0, 1]; None when no item has a check.
 
     The explicit aggregation of Rubrics as Rewards and HealthBench: the weights of the items met over the sum
@@ -154,7 +156,7 @@ def checklist_score(items, response: str) -> float | None:
     >>> checklist_score(items, "you idiot")
     0.5
     """
-    checked = _checked(items, response)
+    checked = _checked(items, response, think_close)
     total = sum(weight for _, weight, _ in checked if weight > 0)
     if total <= 0:
         return None
