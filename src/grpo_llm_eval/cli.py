@@ -88,6 +88,7 @@ def _setup_logging(debug: bool) -> None:
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from grpo_llm_eval.data import DataError
+    from grpo_llm_eval.data.rubrics import RubricError
     from grpo_llm_eval.evaluation.calibrate import CalibrationError
     from grpo_llm_eval.models import ModelError
     from grpo_llm_eval.teacher.types import TeacherUnavailable
@@ -96,7 +97,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from grpo_llm_eval.training.train import TrainingAborted
 
     return (DataError, ModelError, RunDirError, TeacherUnavailable, ResumeError, SaveError, TrainingAborted,
-            CalibrationError)
+            CalibrationError, RubricError)
 
 
 def _resume_config(args):

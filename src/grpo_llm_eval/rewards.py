@@ -14,6 +14,8 @@ import statistics
 import time
 from collections import Counter
 
+from grpo_llm_eval.data.rubrics import from_json
+from grpo_llm_eval.evaluation.items import checklist_results, checklist_score, item_metrics, item_records
 from grpo_llm_eval.teacher.types import Judgement, JudgeRequest
 from grpo_llm_eval.verifiers import answer_correct, format_correct
 
@@ -39,7 +41,9 @@ class TeacherRubricReward:
     """TRL reward function `(prompts, completions, **columns) -> list[float | None]`.
 
     reward = teacher_weight * Σ_c weight_c * score_c + verifier_answer_weight * [answer right]
-             + verifier_format_weight * [format right]; None when the teacher part is needed and missing.
+             + verifier_format_weight * [format right] + verifier_checklist_weight * (share of checkable items met);
+    None when the teacher part is needed and missing. With an example's own rubric, the teacher part is that
+    rubric's score times the config rubric's top reward (teacher/grading/items.py).
 
     >>> # with a teacher that gives answer=10 (weight 0.1) and verifier_answer_weight=1 on a right answer:
     >>> # reward = 1.0 * (0.1 * 10) + 1 * 1 = 2.0
@@ -57,11 +61,13 @@ class TeacherRubricReward:
         self._ahead: dict[tuple, concurrent.futures.Future] = {}
 
     @staticmethod
-    def _columns(prompts, completions, answer, question):
+    def _columns(prompts, completions, answer, question, rubric=None):
         texts = [completion_text(c) for c in completions]
         questions = question if question is not None else [prompt_text(p) for p in prompts]
-        truths = [None if a is None else str(a) for a in (answer or [None] * len(texts))]
-        return list(questions), texts, truths
+        # An empty answer is no ground truth (rows that carry their own rubric may have none).
+        truths = [None if a is None or not str(a).strip() else str(a) for a in (answer or [None] * len(texts))]
+        items = [from_json(r) for r in (rubric or [""] * len(texts))]
+        return list(questions), texts, truths, items
 
     def judge_in_background(self, loop, prompts, completions, rows: list[dict]) -> None:
         """Start grading a sampled batch on LOOP now; the call that later scores the same batch awaits it."""
@@ -69,9 +75,10 @@ class TeacherRubricReward:
             return
         answer = [r.get("answer") for r in rows] if rows and "answer" in rows[0] else None
         question = [r.get("question") for r in rows] if rows and "question" in rows[0] else None
-        questions, texts, truths = self._columns(prompts, completions, answer, question)
+        rubric = [r.get("rubric") for r in rows] if rows and "rubric" in rows[0] else None
+        questions, texts, truths, items = self._columns(prompts, completions, answer, question, rubric)
         key = tuple(zip(questions, texts, strict=True))
-        self._ahead[key] = asyncio.run_coroutine_threadsafe(self._judge(questions, texts, truths), loop)
+        self._ahead[key] = asyncio.run_coroutine_threadsafe(self._judge(questions, texts, truths, items), loop)
 
     def cancel_background(self) -> None:
         """Drop judging started for batches that will not be scored (the run stopped early)."""
@@ -79,16 +86,16 @@ class TeacherRubricReward:
             future.cancel()
         self._ahead.clear()
 
-    async def __call__(self, prompts, completions, answer=None, question=None, log_metric=None, **_):
-        questions, texts, truths = self._columns(prompts, completions, answer, question)
+    async def __call__(self, prompts, completions, answer=None, question=None, rubric=None, log_metric=None, **_):
+        questions, texts, truths, items = self._columns(prompts, completions, answer, question, rubric)
         started = self._ahead.pop(tuple(zip(questions, texts, strict=True)), None)
         wait_from = time.perf_counter()
         if started is not None:
             judgements, self.last_judge_wall_s = await asyncio.wrap_future(started)
         else:
-            judgements, self.last_judge_wall_s = await self._judge(questions, texts, truths)
+            judgements, self.last_judge_wall_s = await self._judge(questions, texts, truths, items)
         self.last_judge_wait_s = min(self.last_judge_wall_s, time.perf_counter() - wait_from)
-        rows = [self.score(j, t, g) for j, t, g in zip(judgements, texts, truths, strict=True)]
+        rows = [self.score(j, t, g, i) for j, t, g, i in zip(judgements, texts, truths, items, strict=True)]
         if self.recorder is not None:
             self.recorder.add_local(prompts, questions, texts, truths, judgements, rows)
         if log_metric is not None:
@@ -96,31 +103,36 @@ class TeacherRubricReward:
                 log_metric(name, value)
         return [r["reward"] for r in rows]
 
-    async def _judge(self, questions, texts, truths) -> tuple[list[Judgement | None], float]:
+    async def _judge(self, questions, texts, truths, items) -> tuple[list[Judgement | None], float]:
         """The teacher's judgements of a batch, and the wall time they took."""
         if self.cfg.teacher_weight <= 0 or self.teacher is None:
             return [None] * len(texts), 0.0
-        requests = [JudgeRequest(q, t, g) for q, t, g in zip(questions, texts, truths, strict=True)]
+        requests = [JudgeRequest(q, t, g, rubric=i) for q, t, g, i in zip(questions, texts, truths, items, strict=True)]
         start = time.perf_counter()
         judgements = await self.teacher.judge(requests)
         return judgements, time.perf_counter() - start
 
-    def score(self, judgement: Judgement | None, text: str, truth: str | None) -> dict:
-        """The reward row of one completion: verifier checks, the teacher's reward and the weighted total."""
+    def score(self, judgement: Judgement | None, text: str, truth: str | None, items: tuple = ()) -> dict:
+        """The reward row of one completion: verifier checks, the teacher's reward and the weighted total; with the
+        example's own rubric ITEMS, each item's grade and programmatic check too (``item_records``)."""
         cfg = self.cfg
         # None without a ground truth, or where nothing uses the check (it costs a call to math-verify).
         uses_check = cfg.verifier_answer_weight > 0 or cfg.verifier_veto or cfg.verifier_monitor
         right = answer_correct(text, truth, cfg.think_close_string) if uses_check else None
         fmt = format_correct(text, cfg.think_open_string, cfg.think_close_string)
         row = {"answer_correct": right, "format_correct": fmt, "teacher_reward": None, "reward": None}
+        checks = checklist_results(items, text, cfg.think_close_string) if items else {}
+        if items:
+            row.update(item_records(self.rubric.for_items(items), judgement, checks))
         total = 0.0
         if judgement is not None:
             scores = dict(judgement.scores)
-            if cfg.verifier_veto and right is False and "answer" in scores and scores["answer"] is not None:
+            if (cfg.verifier_veto and not items and right is False and "answer" in scores
+                    and scores["answer"] is not None):
                 lowest = next(c.min for c in self.rubric.criteria if c.name == "answer")
                 scores["answer"] = min(scores["answer"], lowest)
                 row["vetoed"] = True
-            teacher_reward = self.rubric.reward(scores) if judgement.ok else None
+            teacher_reward = self.rubric.reward(scores, items) if judgement.ok else None
             row["teacher_reward"] = teacher_reward
             if teacher_reward is None:
                 return row  # masked: never a made-up score
@@ -129,6 +141,8 @@ class TeacherRubricReward:
             total += cfg.verifier_answer_weight * float(bool(right))
         if cfg.verifier_format_weight:
             total += cfg.verifier_format_weight * float(fmt)
+        if cfg.verifier_checklist_weight and checks:
+            total += cfg.verifier_checklist_weight * (checklist_score(items, text, cfg.think_close_string) or 0.0)
         row["reward"] = total
         return row
 
@@ -167,6 +181,7 @@ class TeacherRubricReward:
         spreads = [j.extra["sample_spread"] for j in graded if j.extra.get("sample_spread") is not None]
         if spreads:  # teacher_samples > 1: how far one grade of the teacher strays from another
             out["judge/sample_spread"] = statistics.fmean(spreads)
+        out.update(item_metrics(rows))
         teacher = [r["teacher_reward"] for r in rows if r["teacher_reward"] is not None]
         if teacher:
             out["teacher_reward/mean"] = statistics.fmean(teacher)

@@ -51,7 +51,8 @@ class Config:
     # ---- data ---------------------------------------------------------------------------------
     dataset_name: str = _f("bundled:arithmetic", "Hub id, .jsonl/.json/.csv/.parquet file, save_to_disk folder, or bundled:NAME.")
     dataset_question_column: str = _f("question", "Column holding the question.")
-    dataset_answer_column: str = _f("answer", "Column holding the ground-truth answer.")
+    dataset_answer_column: str = _f("answer", "Column holding the ground-truth answer (may be empty or absent where rows carry a rubric).")
+    dataset_rubric_column: str = _f("rubric", "Column holding each example's own rubric: a list of strings (checklist items), or of {id, criterion, description, weight, check} (a negative weight is a pitfall; check: a programmatic check, see data/constraints.py), or that list as JSON text. Rows without one are graded on the config's criteria; a row with one is graded on its items alone (see rubric_aggregation), worth at most the config criteria's top reward (sum of weight x max). Absent column: no row has one.")
     dataset_split: str = _f("train", "Split to train on.")
     eval_split: str = _f("test", "Held-out split for evaluation.")
     max_train_samples: int = _f(0, "Use at most this many training rows (0: all).", min=0)
@@ -85,8 +86,9 @@ class Config:
     think_open_string: str = _f("<think>", "Opening think tag.")
     think_close_string: str = _f("</think>", "Closing think tag.")
     # ---- teacher ------------------------------------------------------------------------------
-    evaluation_prompt: str = _f(SEED_EVALUATION_PROMPT, "Teacher prompt; takes {question}, {student_response}, {ground_truth}.")
+    evaluation_prompt: str = _f(SEED_EVALUATION_PROMPT, "Teacher prompt; takes {question}, {student_response}, {ground_truth} and {rubric} (the example's own rubric items, fenced; for rows without one, the config's criteria). Rows with a rubric are graded with this prompt where it has {rubric} (their grade format is appended), else with a generated checklist prompt.")
     criteria: list = _f([], "Rubric criteria [{name, weight, description, min, max}]; empty: the seed's three.")
+    rubric_aggregation: str = _f("explicit", "How an example's own rubric (dataset_rubric_column) becomes its score: explicit (each item graded met 1 / not met 0; the weights of the items met over the sum of the positive weights, clipped to [0, 1], as in RaR and HealthBench) or implicit (one holistic 0-10 score, the items as guidance). The score times the config criteria's top reward is the teacher's reward.", choices=("explicit", "implicit"))
     thought_process_weight: float = _f(0.07, "Weight of the thought_process score (seed rubric).", min=0.0)
     answer_weight: float = _f(0.1, "Weight of the answer score (seed rubric).", min=0.0)
     format_weight: float = _f(0.03, "Weight of the format score (seed rubric).", min=0.0)
@@ -114,6 +116,7 @@ class Config:
     # ---- verifiers ----------------------------------------------------------------------------
     verifier_answer_weight: float = _f(0.0, "Weight of the math-verify answer check (1 right, 0 wrong).", min=0.0)
     verifier_format_weight: float = _f(0.0, "Weight of the think-tag format check.", min=0.0)
+    verifier_checklist_weight: float = _f(0.0, "Weight of the programmatic checks of an example's own rubric items (those with a check, as in bundled:instructions): the weighted share met, in [0, 1]; rows without checkable items add nothing.", min=0.0)
     verifier_veto: bool = _f(False, "A failed answer check caps the teacher's answer score at its minimum.")
     verifier_monitor: bool = _f(True, "Check answers (math-verify) for the verifier/answer_accuracy metric even where no weight or veto uses the check; false skips the check then.")
     # ---- SFT on feedback ----------------------------------------------------------------------

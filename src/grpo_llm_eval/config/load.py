@@ -288,9 +288,9 @@ def validate(data: dict) -> Config:
     if cfg.teacher_max_cost_usd > 0 and not (cfg.teacher_price_input_per_mtok or cfg.teacher_price_output_per_mtok):
         problems.append(f"teacher_max_cost_usd: {cfg.teacher_max_cost_usd!r} but no price is set, so no cost is ever "
                         "counted; set teacher_price_input_per_mtok and teacher_price_output_per_mtok.")
-    rewards = cfg.teacher_weight + cfg.verifier_answer_weight + cfg.verifier_format_weight
+    rewards = cfg.teacher_weight + cfg.verifier_answer_weight + cfg.verifier_format_weight + cfg.verifier_checklist_weight
     if rewards <= 0:
-        problems.append("teacher_weight, verifier_answer_weight, verifier_format_weight: all 0, so nothing is rewarded; set one > 0.")
+        problems.append("teacher_weight, verifier_answer_weight, verifier_format_weight, verifier_checklist_weight: all 0, so nothing is rewarded; set one > 0.")
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -37,6 +37,7 @@ import huggingface_hub
 import pyarrow.parquet
 
 from grpo_llm_eval.config import Config
+from grpo_llm_eval.data import rubrics
 from grpo_llm_eval.data.bundled import BUNDLED_DATASETS, read_bundled, stable_shuffle
 
 logger = logging.getLogger(__name__)
@@ -211,9 +212,17 @@ def _read_file(path: Path) -> datasets.Dataset:
     rows = _uniform_columns([{str(k): _clean_value(v) for k, v in row.items()} for row in rows])
     try:
         return datasets.Dataset.from_list(rows)
+    except Exception:  # nested values of differing shapes (rubric items: strings beside objects): keep them as JSON
+        pass
+    try:
+        return datasets.Dataset.from_list([{k: _nested_as_json(v) for k, v in row.items()} for row in rows])
     except Exception as exc:  # e.g. a column that mixes lists and objects
         raise DataError(f"dataset file {str(path)!r}: rows do not form a table "
                         f"({type(exc).__name__}: {_first_line(exc)}).") from None
+
+
+def _nested_as_json(value: Any) -> Any:
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else value
 
 
 def _parse_csv(text: str) -> list[dict]:
@@ -343,33 +352,67 @@ def _normalize(raw: datasets.Dataset, cfg: Config, name: str, split: str, source
     total = len(raw)
     if total == 0:
         raise DataError(f"dataset {name!r} split {split!r} has no rows ({source}).")
+    own_rubrics = _rubrics(raw, cfg, name, split)
     for column, key in ((qcol, "dataset_question_column"), (acol, "dataset_answer_column")):
-        if column not in raw.column_names:
+        if column not in raw.column_names and not (column == acol and own_rubrics is not None):
             raise DataError(f"dataset {name!r} split {split!r} has no column {column!r} (set by {key}); "
                             f"available columns: {', '.join(raw.column_names)}.")
     questions = [_as_text(q) for q in raw[qcol]]
-    answers = [_as_text(a) for a in raw[acol]]
-    keep = [i for i, (q, a) in enumerate(zip(questions, answers, strict=True)) if q.strip() and a.strip()]
+    answers = [_as_text(a) for a in raw[acol]] if acol in raw.column_names else [""] * total
+    has_rubric = own_rubrics or [""] * total
+    # A row needs a question, and something to grade against: a ground truth or its own rubric.
+    keep = [i for i, (q, a, r) in enumerate(zip(questions, answers, has_rubric, strict=True))
+            if q.strip() and (a.strip() or r)]
     skipped = total - len(keep)
     if not keep:
         raise DataError(f"dataset {name!r} split {split!r} has no usable rows ({total} rows, all with an empty "
                         f"question or answer); check dataset_question_column={qcol!r} and "
                         f"dataset_answer_column={acol!r}.")
     if skipped:
-        logger.warning("dataset %s split %s: skipped %d of %d rows with an empty question or answer",
-                       name, split, skipped, total)
-    rest = raw.remove_columns([c for c in raw.column_names if c in {qcol, acol, "question", "answer"}])
+        logger.warning("dataset %s split %s: skipped %d of %d rows with an empty question or answer%s",
+                       name, split, skipped, total, " (and no rubric)" if own_rubrics is not None else "")
+    own = {qcol, acol, "question", "answer"} | ({cfg.dataset_rubric_column, "rubric"} if own_rubrics is not None else set())
+    rest = raw.remove_columns([c for c in raw.column_names if c in own])
     if skipped:
         rest = rest.select(keep)
+    columns = {"question": [questions[i] for i in keep], "answer": [answers[i] for i in keep]}
+    if own_rubrics is not None:
+        columns["rubric"] = [own_rubrics[i] for i in keep]
     if rest.num_columns == 0:  # nothing else to keep: a fresh in-memory table
-        dataset = datasets.Dataset.from_dict({"question": [questions[i] for i in keep],
-                                              "answer": [answers[i] for i in keep]})
+        dataset = datasets.Dataset.from_dict(columns)
     else:
-        rest = rest.flatten_indices(keep_in_memory=True) if skipped else rest
-        dataset = rest.add_column("question", [questions[i] for i in keep])
-        dataset = dataset.add_column("answer", [answers[i] for i in keep])
-        dataset = dataset.select_columns(["question", "answer", *rest.column_names])
+        dataset = rest.flatten_indices(keep_in_memory=True) if skipped else rest
+        for column, values in columns.items():
+            dataset = dataset.add_column(column, values)
+        dataset = dataset.select_columns([*columns, *rest.column_names])
     return LoadedData(dataset, skipped, total, source, split)
+
+
+def _rubrics(raw: datasets.Dataset, cfg: Config, name: str, split: str) -> list[str] | None:
+    """Each row's own rubric as canonical JSON ("" for none), checked; None when the data has no rubric column."""
+    column = cfg.dataset_rubric_column
+    if column not in raw.column_names:
+        if column != "rubric":
+            raise DataError(f"dataset {name!r} split {split!r} has no column {column!r} (set by "
+                            f"dataset_rubric_column); available columns: {', '.join(raw.column_names)}.")
+        return None
+    limit = rubrics.context_chars(cfg)
+    out = []
+    for i, value in enumerate(raw[column]):
+        if rubrics.is_empty(value):
+            out.append("")
+            continue
+        try:
+            items = rubrics.parse_cell(value)
+        except rubrics.RubricError as exc:
+            raise DataError(f"dataset {name!r} split {split!r} row {i + 1}, column {column!r}: {exc}.") from None
+        chars = sum(len(item.text) + len(item.id) + 30 for item in items)
+        if limit and chars > limit:
+            raise DataError(f"dataset {name!r} split {split!r} row {i + 1}, column {column!r}: the rubric has "
+                            f"{chars} characters, too long for the teacher's context (about {limit} characters "
+                            "left for it); shorten or split it, or use a teacher with a longer context.")
+        out.append(rubrics.to_json(items))
+    return out
 
 
 def _as_text(value: Any) -> str:

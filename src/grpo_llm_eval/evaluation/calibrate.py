@@ -18,7 +18,10 @@ verifier. Measured (keys of DIR/calibration.json; every row is in DIR/calibratio
 - `position_flip_rate`: group judging with `group_judge_passes: 2` only: the share of groups whose ranking by
   teacher reward flipped when the order was reversed; null with a reason otherwise.
 - `master_key_pass_rate`: the share of master-key responses (no answer at all, from "One Token to Fool
-  LLM-as-a-Judge", arXiv 2507.08794) whose answer score is above the middle of the answer scale.
+  LLM-as-a-Judge", arXiv 2507.08794) whose answer score is above the middle of the answer scale (on an example's
+  own rubric: graded met on an item whose programmatic check fails, or scored above 0.5 where no item has one).
+- `item_auc` (examples with their own rubrics): per constraint type, the ROC AUC of the teacher's item score
+  against the item's programmatic check, with its interval, counts and both pass rates (`items.item_auc`).
 - `verdict`: one line naming the worst finding.
 """
 
@@ -32,8 +35,10 @@ import time
 from pathlib import Path
 
 from grpo_llm_eval import data as data_mod
+from grpo_llm_eval.data.rubrics import from_json, rows_items, to_json
 from grpo_llm_eval.evaluation import evaluate as ev
 from grpo_llm_eval.evaluation import stats
+from grpo_llm_eval.evaluation.items import item_auc, item_auc_lines
 from grpo_llm_eval.teacher import build_teacher
 from grpo_llm_eval.teacher.grading.rubric import Rubric
 from grpo_llm_eval.teacher.types import JudgeRequest
@@ -71,6 +76,8 @@ def answer_score(row: dict, criterion: str | None) -> float | None:
     """The teacher's answer score of a graded row (its reward when the rubric has no answer criterion)."""
     if row.get("judge_status") != "ok":
         return None
+    if row.get("items"):  # graded on the example's own rubric: no answer criterion; its score in [0, 1]
+        return row.get("rubric_score")
     value = (row.get("scores") or {}).get(criterion) if criterion else row.get("teacher_reward")
     return None if value is None else float(value)
 
@@ -126,9 +133,12 @@ def measure(rows: list[dict], rubric, seed: int = 0, judge_mode: str = "pointwis
         "judge_failure_rate": (sum(1 for r in rows if r.get("judge_status") != "ok") / len(rows)) if rows else None,
         "answer_score": criterion or "teacher_reward", "answer_scale": [low, high] if criterion else None,
         "judge_mode": judge_mode, "null_reasons": {},
+        "item_auc": item_auc(samples, seed=seed),
     }
     reasons = result["null_reasons"]
-    if auc is None:
+    if auc is None and result["item_auc"]:
+        reasons["answer_auc"] = "no ground truths: the rows are graded on their own rubrics (see item_auc)"
+    elif auc is None:
         reasons["answer_auc"] = (f"the verifier found {result['n_right']} right and {result['n_wrong']} wrong "
                                  "graded responses; both are needed (raise --samples or --limit, or use a model "
                                  "that gets some answers right)")
@@ -152,13 +162,25 @@ def measure(rows: list[dict], rubric, seed: int = 0, judge_mode: str = "pointwis
     if graded_keys:
         # Midpoint of the answer scale; without an answer criterion, the middle of the graded samples' rewards.
         mid = (low + high) / 2 if criterion else _midrange([r.get("teacher_reward") for r in samples])
-        passed = [r["response"] for r, s in graded_keys if mid is not None and s > mid]
+        passed = [r["response"] for r, s in graded_keys if _key_passed(r, s, mid)]
         result["master_key_pass_rate"] = len(passed) / len(graded_keys)
         result["master_keys_passed"] = passed
     else:
         reasons["master_key_pass_rate"] = "no master-key response was graded (every grade failed)"
     result["verdict"] = verdict(result)
     return result
+
+
+def _key_passed(row: dict, score: float, mid: float | None) -> bool:
+    """Whether an answerless response fooled the teacher. On an example's own rubric: the teacher says met where
+    a programmatic check says not met (an answerless text may truly meet "no commas"), or, with no checks, its
+    score in [0, 1] is above 0.5; otherwise its answer score is above MID."""
+    if row.get("items"):
+        checked = [i for i in row["items"].values() if i.get("check") is not None and i.get("met") is not None]
+        if checked:
+            return any(i["met"] and not i["check"] for i in checked)
+        return score > 0.5
+    return mid is not None and score > mid
 
 
 def repeated_scores(row: dict, criterion: str | None) -> list[float]:
@@ -212,8 +234,16 @@ def verdict(m: dict) -> str:
                             f"{ROLLOUTS_FILE}); fix the teacher setup (max_feedback_new_tokens, structured output) first"))
     elif failed > 0.1:
         findings.append((1, f"UNRELIABLE: {failed:.0%} of grades failed (masked in training)"))
-    if auc is None:
+    items = m.get("item_auc") or {}
+    weak = [f"{k} {e['auc']:.2f}" for k, e in items.items() if e["auc"] is not None and e["auc"] < CHANCE_AUC]
+    if weak:
+        findings.append((4, f"NEAR CHANCE ON ITEMS: the teacher's item grades barely follow the checks for "
+                            f"{', '.join(weak)} (item AUC); weigh them low or use verifier_checklist_weight"))
+    if auc is None and not items:
         findings.append((0, f"UNMEASURED: {m['null_reasons']['answer_auc']}"))
+    if not findings and auc is None:
+        return "OK: the teacher's item grades follow the programmatic checks (item AUC >= " \
+               f"{CHANCE_AUC} for every constraint type); no master key passed"
     if not findings:
         return f"OK: the teacher tracks the verifier (answer AUC {auc_text}); no master key passed, no length bias"
     return max(findings, key=lambda f: f[0])[1]
@@ -239,13 +269,16 @@ def format_table(m: dict) -> str:
     width = max(len(k) for k, _ in lines)
     out = [f"{k.ljust(width)}  {v}" + (f"  ({m['null_reasons'][k]})" if k in m["null_reasons"] else "")
            for k, v in lines]
+    if m.get("item_auc"):
+        out += ["item_auc (teacher's item score against the programmatic check, per constraint type):",
+                *item_auc_lines(m["item_auc"])]
     return "\n".join([*out, f"verdict: {m['verdict']}"])
 
 
 # ---- the command ----------------------------------------------------------------------------------
 
 
-def read_responses(path: str | Path) -> list[dict]:
+def read_responses(path: str | Path, rubric_column: str = "rubric") -> list[dict]:
     """Rows of a responses file (JSONL: question, response or completion, answer or ground_truth) as samples.
 
     A calibration_rollouts.jsonl is one too (its master-key rows are left out: they are added again), so the
@@ -256,15 +289,19 @@ def read_responses(path: str | Path) -> list[dict]:
         raise CalibrationError(f"--responses {path}: no rows; expected JSONL with question, response, answer.")
     prompts: dict[str, int] = {}
     out = []
+    try:
+        own = rows_items(rows, rubric_column, f"--responses {path}")
+    except ValueError as exc:
+        raise CalibrationError(str(exc)) from None
     for i, row in enumerate(rows):
         response = next((row[k] for k in ("response", "completion") if row.get(k) is not None), None)
-        truth = next((row[k] for k in ("answer", "ground_truth") if row.get(k) is not None), None)
-        if response is None or truth is None:
-            raise CalibrationError(f"--responses {path}: row {i + 1} lacks a response or an answer; every row "
-                                   "needs question, response and answer.")
+        truth = next((row[k] for k in ("answer", "ground_truth") if row.get(k) not in (None, "")), None)
+        if response is None or (truth is None and not own[i]):
+            raise CalibrationError(f"--responses {path}: row {i + 1} lacks a response, or both an answer and a "
+                                   f"rubric ({rubric_column!r}); every row needs question, response and one of them.")
         question = str(row.get("question", ""))
-        out.append({"question": question, "response": str(response), "ground_truth": str(truth),
-                    "prompt_index": prompts.setdefault(question, len(prompts))})
+        out.append({"question": question, "response": str(response), "ground_truth": None if truth is None else str(truth),
+                    "prompt_index": prompts.setdefault(question, len(prompts)), "rubric": to_json(own[i])})
     return out
 
 
@@ -286,25 +323,28 @@ def sample_responses(cfg, model: str, split: str, limit: int, samples: int, batc
     del lm
     ev._free_memory()
     logger.info("sampled %d responses in %.0f s", sum(len(t) for t in texts), time.perf_counter() - start)
-    return [{"question": q, "response": t, "ground_truth": a, "prompt_index": p}
-            for p, (q, a, ts) in enumerate(zip(dataset["question"], dataset["answer"], texts, strict=True)) for t in ts]
+    own = list(dataset["rubric"]) if "rubric" in dataset.column_names else [""] * len(dataset)
+    return [{"question": q, "response": t, "ground_truth": a or None, "prompt_index": p, "rubric": r}
+            for p, (q, a, r, ts) in enumerate(zip(dataset["question"], dataset["answer"], own, texts, strict=True))
+            for t in ts]
 
 
 def _grade(loop, teacher, cfg, rubric, items: list[dict]) -> list[dict]:
-    requests = [JudgeRequest(it["question"], it["response"], it["ground_truth"]) for it in items]
+    requests = [JudgeRequest(it["question"], it["response"], it["ground_truth"], rubric=from_json(it.get("rubric")))
+                for it in items]
     judgements, start = [], time.perf_counter()
     for first in range(0, len(requests), GRADE_CHUNK):
         judgements += loop.run_until_complete(teacher.judge(requests[first:first + GRADE_CHUNK]))
         logger.info("graded %d/%d responses (%.0f s)", len(judgements), len(requests),
                     time.perf_counter() - start)
     rows = ev.grade_rows(cfg, rubric, judgements, [it["question"] for it in items], [it["response"] for it in items],
-                         [it["ground_truth"] for it in items])
+                         [it["ground_truth"] for it in items], [r.rubric for r in requests])
     criterion = answer_scale(rubric)[0]
-    for row, j in zip(rows, judgements, strict=True):
+    for row, j, req in zip(rows, judgements, requests, strict=True):
         if "samples" in j.extra:  # teacher_samples > 1: each ok sample's answer score, for self_disagreement
             row["sample_answer_scores"] = [
                 answer_score({"judge_status": s["status"], "scores": s["scores"],
-                              "teacher_reward": rubric.reward(s["scores"]) if s["status"] == "ok" else None},
+                              "teacher_reward": rubric.reward(s["scores"], req.rubric) if s["status"] == "ok" else None},
                              criterion)
                 for s in j.extra["samples"] if s["status"] == "ok"]
     return rows
@@ -319,12 +359,14 @@ def calibrate(cfg, output: str | Path, model: str | None = None, limit: int = 0,
     out.mkdir(parents=True, exist_ok=True)
     model = model or cfg.student_model_name
     split = split or cfg.eval_split
-    items = read_responses(responses) if responses else sample_responses(cfg, model, split, limit, samples, batch_size)
+    items = read_responses(responses, cfg.dataset_rubric_column) if responses else sample_responses(cfg, model, split, limit, samples, batch_size)
     items = [{"kind": "sample", **it} for it in items]
-    questions = sorted({(it["prompt_index"], it["question"], it["ground_truth"]) for it in items})
-    items += [{"kind": "master_key", "question": q, "response": key, "ground_truth": truth, "prompt_index": p}
-              for key, (p, q, truth) in zip(MASTER_KEYS, (questions * len(MASTER_KEYS))[:len(MASTER_KEYS)],
-                                            strict=True)]
+    questions = sorted({(it["prompt_index"], it["question"], it["ground_truth"] or "", it.get("rubric") or "")
+                        for it in items})
+    items += [{"kind": "master_key", "question": q, "response": key, "ground_truth": truth or None, "prompt_index": p,
+               "rubric": own}
+              for key, (p, q, truth, own) in zip(MASTER_KEYS, (questions * len(MASTER_KEYS))[:len(MASTER_KEYS)],
+                                                 strict=True)]
     rubric = Rubric.from_config(cfg)
     criterion = answer_scale(rubric)[0]
     teacher = build_teacher(cfg, rubric, cache_path=out / "judgements.sqlite")

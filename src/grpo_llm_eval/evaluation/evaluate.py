@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from grpo_llm_eval import data as data_mod
+from grpo_llm_eval.data.rubrics import from_json
 from grpo_llm_eval.evaluation import stats
+from grpo_llm_eval.evaluation.items import all_met, checklist_score
 from grpo_llm_eval.models import ModelError, resolve_model_path
 from grpo_llm_eval.rewards import TeacherRubricReward
 from grpo_llm_eval.teacher import build_teacher
@@ -154,19 +156,26 @@ def generate_responses(model, tokenizer, conversations: list[list[dict]], *, max
 # ---- grading -------------------------------------------------------------------------------------
 
 
-def grade_rows(cfg, rubric, judgements, questions, responses, truths) -> list[dict]:
-    """Per response: scores, feedback, status, teacher reward (the rubric's, unvetoed), verifier checks, reward.
+def grade_rows(cfg, rubric, judgements, questions, responses, truths, own=None) -> list[dict]:
+    """Per response: scores, feedback, status, teacher reward (the rubric's, unvetoed), verifier checks, reward;
+    with an example's own rubric (OWN: per response, its items), each item's grade and check, and the share of
+    checkable items met (``constraint_share``).
 
     `reward` is what training would have used (TeacherRubricReward's weighting, veto included).
     """
     scorer = TeacherRubricReward(cfg, rubric, teacher=None)
     rows = []
-    for j, q, text, truth in zip(judgements, questions, responses, truths, strict=True):
+    own = own or [()] * len(responses)
+    for j, q, text, truth, items in zip(judgements, questions, responses, truths, own, strict=True):
         # Training's own scoring, so the eval reward cannot drift from the training reward.
-        scored = scorer.score(j, text, truth)
+        scored = scorer.score(j, text, truth, items)
+        per_item = {}
+        if items:
+            per_item = {"items": scored["items"], "rubric_score": scored["rubric_score"],
+                        "constraint_share": checklist_score(items, text, cfg.think_close_string)}
         rows.append({"question": q, "ground_truth": truth, "response": text, "scores": j.scores,
-                     "feedback": j.feedback, "judge_status": j.status,
-                     "teacher_reward": rubric.reward(j.scores) if j.ok else None,
+                     "feedback": j.feedback, "judge_status": j.status, **per_item,
+                     "teacher_reward": rubric.reward(j.scores, items) if j.ok else None,
                      "answer_correct": scored["answer_correct"], "format_correct": scored["format_correct"],
                      "reward": scored["reward"], "judge_latency_s": j.latency_s, "cached": j.cached,
                      "judge_call_id": j.extra.get("call_id"), "judge_group_id": j.extra.get("group_id"),
@@ -188,11 +197,29 @@ def metric_value(row: dict, metric: str) -> float | None:
     if metric.startswith("criteria/"):
         value = (row["scores"] or {}).get(metric.split("/", 1)[1]) if row["judge_status"] == "ok" else None
         return None if value is None else float(value)
+    if metric.startswith("items/"):  # items/<id>/check (the program's verdict) or items/<id>/met (the teacher's)
+        _, item_id, source = metric.split("/")
+        value = ((row.get("items") or {}).get(item_id) or {}).get(source)
+        return None if value is None else float(value)
+    if metric == "all_checks_met":
+        value = all_met(row)
+        return None if value is None else float(value)
     return None if row.get(metric) is None else float(row[metric])
 
 
-def metric_names(criteria: list[str]) -> list[str]:
-    return ["teacher_reward", *[f"criteria/{c}" for c in criteria], "reward", *PROPORTIONS]
+def metric_names(criteria: list[str], item_ids: list[str] = ()) -> list[str]:
+    """The summary's metrics; with examples' own rubrics (ITEM_IDS), the share of checkable items met, whether all
+    were, the teacher's rubric score, and per item id the check's and the teacher's pass rates."""
+    names = ["teacher_reward", *[f"criteria/{c}" for c in criteria], "reward", *PROPORTIONS]
+    if item_ids:
+        names += ["constraint_share", "all_checks_met", "rubric_score"]
+        names += [f"items/{i}/{source}" for i in item_ids for source in ("check", "met")]
+    return names
+
+
+def is_proportion(metric: str) -> bool:
+    """Whether METRIC is a 0/1 rate per response (Wilson intervals and the exact sign test apply)."""
+    return metric in PROPORTIONS or metric == "all_checks_met" or metric.startswith("items/")
 
 
 def clusters(rows: list[dict], metric: str, prompts: list[int]) -> list[list[float | None]]:
@@ -208,7 +235,7 @@ def metric_interval(values: list[list[float | None]], metric: str, samples: int,
     flat = [v for cluster in values for v in cluster if v is not None]
     entry = {"mean": stats.pooled_mean(values), "ci_low": None, "ci_high": None, "n": len(flat),
              "n_prompts": sum(1 for c in values if any(v is not None for v in c))}
-    if metric in PROPORTIONS and samples == 1:
+    if is_proportion(metric) and samples == 1:
         ci, entry["method"] = stats.wilson_interval(int(sum(flat)), len(flat)), "wilson"
     else:
         ci = stats.cluster_bootstrap_ci(values, seed=seed)
@@ -226,7 +253,7 @@ def paired_comparison(base: list[list[float | None]], other: list[list[float | N
         ma, mb = stats.pooled_mean([a]), stats.pooled_mean([b])
         if ma is not None and mb is not None:
             diffs.append(mb - ma)
-    proportion = metric in PROPORTIONS
+    proportion = is_proportion(metric)
     result = (stats.paired_sign if proportion else stats.paired_bootstrap)(diffs, seed=seed)
     entry = {"diff": None, "ci_low": None, "ci_high": None, "p_value": None, "n_prompts": len(diffs),
              "test": "exact-sign-test" if proportion else "paired-bootstrap"}
@@ -239,7 +266,9 @@ def summarize(rows: list[dict], models: list[str], criteria: list[str], samples:
     """eval_summary.json's content from the rollout rows (pure: the tests recompute it from the file)."""
     prompts = sorted({r["prompt_index"] for r in rows})
     per_model = {m: [r for r in rows if r["model"] == m] for m in models}
-    values = {m: {k: clusters(per_model[m], k, prompts) for k in metric_names(criteria)} for m in models}
+    item_ids = sorted({i for r in rows for i in (r.get("items") or {})})
+    names = metric_names(criteria, item_ids)
+    values = {m: {k: clusters(per_model[m], k, prompts) for k in names} for m in models}
     summary = {
         "samples": samples, "n_prompts": len(prompts), "confidence": stats.CONFIDENCE,
         "bootstrap_resamples": stats.BOOTSTRAP_RESAMPLES, "seed": seed,
@@ -304,6 +333,8 @@ def evaluate(cfg, models: list[str], output: str | Path, split: str | None = Non
     dataset = loaded.dataset.select(range(min(limit, len(loaded.dataset)))) if limit > 0 else loaded.dataset
     dataset = data_mod.build_prompts(dataset, cfg)
     questions, truths, conversations = list(dataset["question"]), list(dataset["answer"]), list(dataset["prompt"])
+    truths = [t if t and t.strip() else None for t in truths]  # rows with their own rubric may have none
+    own = [from_json(r) for r in dataset["rubric"]] if "rubric" in dataset.column_names else [()] * len(questions)
     resolved = [resolve_eval_model(m, cfg.cache_dir) for m in models]  # bad specs fail before anything loads
     rubric = Rubric.from_config(cfg)
     teacher = build_teacher(cfg, rubric, cache_path=out / "judgements.sqlite")
@@ -325,13 +356,13 @@ def evaluate(cfg, models: list[str], output: str | Path, split: str | None = Non
             del model
             _free_memory()
             flat = [(p, s, text) for p, texts in enumerate(responses) for s, text in enumerate(texts)]
-            requests = [JudgeRequest(questions[p], text, truths[p]) for p, _, text in flat]
+            requests = [JudgeRequest(questions[p], text, truths[p], rubric=own[p]) for p, _, text in flat]
             judgements = []
             for start in range(0, len(requests), JUDGE_CHUNK):
                 judgements += loop.run_until_complete(teacher.judge(requests[start:start + JUDGE_CHUNK]))
                 logger.info("%s: graded %d/%d responses", spec, len(judgements), len(requests))
             graded = grade_rows(cfg, rubric, judgements, [questions[p] for p, _, _ in flat],
-                                [t for _, _, t in flat], [truths[p] for p, _, _ in flat])
+                                [t for _, _, t in flat], [truths[p] for p, _, _ in flat], [own[p] for p, _, _ in flat])
             writer.write_many([{"model": spec, "prompt_index": p, "sample_index": s, **row}
                                for (p, s, _), row in zip(flat, graded, strict=True)])
             writer.sync()

@@ -6,6 +6,8 @@ import asyncio
 import logging
 from pathlib import Path
 
+from grpo_llm_eval.data.rubrics import rows_items
+from grpo_llm_eval.evaluation.items import checklist_results, item_records
 from grpo_llm_eval.teacher import build_teacher
 from grpo_llm_eval.teacher.grading.rubric import Rubric
 from grpo_llm_eval.teacher.types import JudgeRequest
@@ -32,6 +34,7 @@ def judge_file(cfg, input_path: str, output_path: str, batch_size: int = 64) -> 
     if not rows:
         raise ValueError(f"--input {input_path}: no JSON rows found; expected JSONL with question, response, answer.")
     rubric = Rubric.from_config(cfg)
+    own = rows_items(rows, cfg.dataset_rubric_column, f"--input {input_path}")  # checked before the teacher loads
     out = Path(output_path)
     tmp = out.with_name(out.name + ".partial")
     tmp.unlink(missing_ok=True)
@@ -47,7 +50,8 @@ def judge_file(cfg, input_path: str, output_path: str, batch_size: int = 64) -> 
                 batch = rows[start:start + batch_size]
                 todo = [i for i, r in enumerate(batch) if _field(r, RESPONSE_KEYS) is not None]
                 requests = [JudgeRequest(str(batch[i].get("question", "")), str(_field(batch[i], RESPONSE_KEYS)),
-                                         None if _field(batch[i], TRUTH_KEYS) is None else str(_field(batch[i], TRUTH_KEYS)))
+                                         None if _field(batch[i], TRUTH_KEYS) is None else str(_field(batch[i], TRUTH_KEYS)),
+                                         rubric=own[start + i])
                             for i in todo]
                 judged = dict(zip(todo, await teacher.judge(requests), strict=True))
                 graded = []
@@ -58,8 +62,13 @@ def judge_file(cfg, input_path: str, output_path: str, batch_size: int = 64) -> 
                         continue
                     ok += j.ok
                     truth = _field(row, TRUTH_KEYS)
+                    items = own[start + i]
+                    per_item = (item_records(rubric.for_items(items), j,
+                                             checklist_results(items, str(_field(row, RESPONSE_KEYS)),
+                                                               cfg.think_close_string))
+                                if items else {})
                     graded.append({**row, "scores": j.scores, "feedback": j.feedback, "judge_status": j.status,
-                                   "teacher_reward": rubric.reward(j.scores) if j.ok else None,
+                                   "teacher_reward": rubric.reward(j.scores, items) if j.ok else None, **per_item,
                                    "answer_correct": answer_correct(str(_field(row, RESPONSE_KEYS)),
                                                                     None if truth is None else str(truth),
                                                                     cfg.think_close_string),

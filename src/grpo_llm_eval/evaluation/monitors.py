@@ -1,6 +1,7 @@
 """Judge monitors during training: does the teacher still agree with the verifier, and is it being gamed?
 
-Each step whose completions were graded by both the teacher and the verifier logs
+Each step whose completions were graded by both the teacher and the verifier (or, for examples with their own
+rubric, whose items have programmatic checks: each item's teacher score against its check) logs
 `monitor/answer_auc` (ROC AUC of the teacher's answer score against the verifier's answer check; only when
 the step has both right and wrong answers) and `monitor/length_corr` (Spearman correlation of the teacher's
 reward with completion length). Over the last `monitor_window` steps two alarms are checked, each raised once:
@@ -47,10 +48,19 @@ class Alarm:
 
 
 def step_points(rows: list[dict], answer_criterion: str | None) -> list[tuple[float | None, bool | None, float, int]]:
-    """(answer score, verifier check, teacher reward, completion length) of each completion the teacher graded."""
+    """(answer score, verifier check, teacher reward, completion length) of each completion the teacher graded.
+
+    A completion graded on its example's own rubric gives one point per item with a programmatic check instead:
+    (the teacher's item score, the check, the reward, the length), so the AUC and the alarms then watch whether
+    the teacher's item grades still follow the checks.
+    """
     out = []
     for r in rows:
         if r.get("judge_status") != "ok" or r.get("teacher_reward") is None:
+            continue
+        if r.get("items"):
+            out += [(float(i["score"]), bool(i["check"]), float(r["teacher_reward"]), len(r.get("completion") or ""))
+                    for i in r["items"].values() if i.get("check") is not None and i.get("score") is not None]
             continue
         score = (r.get("scores") or {}).get(answer_criterion) if answer_criterion else r["teacher_reward"]
         out.append((None if score is None else float(score), r.get("answer_correct"), float(r["teacher_reward"]),

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_ROWS = 2000
 CRITERIA_KEY = re.compile(r"^criteria/(.+)/mean$")
+ITEM_KEY = re.compile(r"^items/(.+)/(teacher|check)_pass_rate$")  # examples' own rubric items (evaluation/items.py)
 # One registry of plots: (title, [(metric key, legend label)]). "criteria" expands to every criteria/<name>/mean;
 # "agreement" is the verifier's accuracy beside the teacher's answer score divided by the answer scale's maximum.
 PLOTS: list[tuple[str, list[tuple[str, str]] | str]] = [
@@ -38,6 +39,8 @@ PLOTS: list[tuple[str, list[tuple[str, str]] | str]] = [
     ("Judge monitors: teacher vs verifier answer AUC, reward-length rank correlation",
      [("monitor/answer_auc", "answer AUC"), ("monitor/length_corr", "reward-length corr")]),
     ("Rubric criteria (mean score)", "criteria"),
+    ("Rubric items: the teacher's pass rate per item", "items_teacher"),
+    ("Rubric items: the programmatic check's pass rate per item", "items_check"),
     ("KL to the reference model", [("kl", "kl")]),
     ("Policy loss", [("loss", "loss")]),
     ("SFT loss on teacher feedback", [("sft_loss", "sft_loss")]),
@@ -48,7 +51,8 @@ PLOTS: list[tuple[str, list[tuple[str, str]] | str]] = [
     ("Share of groups with tied rewards", [("frac_reward_zero_std", "tied groups")]),
     ("Time per step (s)", [("step_time", "step"), ("time/generate_s", "generate"), ("time/judge_s", "judge")]),
     ("Evaluation during training", [("eval/answer_accuracy", "answer accuracy"), ("eval/teacher_reward", "teacher reward"),
-                                    ("eval/judge_failure_rate", "judge failure rate")]),
+                                    ("eval/judge_failure_rate", "judge failure rate"),
+                                    ("eval/constraint_share", "checks met"), ("eval/all_checks_met", "all checks met")]),
 ]
 TABLE_COLUMNS = ("step", "group", "question", "completion", "feedback", "scores", "reward", "advantage", "judge_status")
 
@@ -157,6 +161,10 @@ def render_plots(metrics: list[dict], answer_max: float = 10.0) -> list[str]:
     blocks, absent = [], []
     for title, spec in PLOTS:
         lines = [(f"criteria/{c}/mean", c) for c in criteria] if spec == "criteria" else spec
+        if spec in ("items_teacher", "items_check"):
+            source = spec.split("_")[1]
+            lines = sorted({(k, m.group(1)) for row in metrics for k in row
+                            if (m := ITEM_KEY.match(k)) and m.group(2) == source})
         if spec == "agreement":
             lines = [("verifier/answer_accuracy", "verifier accuracy"), ("criteria/answer/mean", "teacher answer score")]
         data = [(label, *series(metrics, key)) for key, label in lines]

@@ -176,7 +176,8 @@ class CachedTeacher:
 
     def key(self, request: JudgeRequest) -> str:
         """The cache key of one request."""
-        return cache_key(self.model_name, self.rubric.fingerprint, self.flags, request)
+        # The example's own rubric items are in the fingerprint of the rubric that grades them.
+        return cache_key(self.model_name, self.rubric.for_items(request.rubric).fingerprint, self.flags, request)
 
     async def judge(self, requests: list[JudgeRequest]) -> list[Judgement]:
         """Cached grades where present; the rest graded by the wrapped teacher and stored if ok."""

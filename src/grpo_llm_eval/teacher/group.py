@@ -49,6 +49,7 @@ class Chunk:
     question: str
     ground_truth: str | None
     sample: int
+    rubric: tuple = ()  # the example's own rubric items (JudgeRequest.rubric)
     positions: list[int] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)  # one per position
 
@@ -59,20 +60,23 @@ class Chunk:
     @property
     def digest(self) -> str:
         payload = [self.question, self.ground_truth, self.sample, self.uniques]
+        if self.rubric:  # only then, so the digests (and cache keys) of rows without items stay as they were
+            payload.append([[i.id, i.text, i.weight] for i in self.rubric])
         return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def partition(requests: list[JudgeRequest], size: int) -> list[Chunk]:
-    """Chunks of at most SIZE requests sharing (question, ground truth, sample), in order of first appearance.
+    """Chunks of at most SIZE requests sharing (question, ground truth, sample, own rubric), in order of first
+    appearance.
 
     >>> [c.positions for c in partition([JudgeRequest("a", "1"), JudgeRequest("b", "2"), JudgeRequest("a", "3")], 8)]
     [[0, 2], [1]]
     """
     groups: dict[tuple, list[Chunk]] = {}
     for i, r in enumerate(requests):
-        chunks = groups.setdefault((r.question, r.ground_truth, r.sample), [])
+        chunks = groups.setdefault((r.question, r.ground_truth, r.sample, r.rubric), [])
         if not chunks or len(chunks[-1].positions) >= size:
-            chunks.append(Chunk(r.question, r.ground_truth, r.sample))
+            chunks.append(Chunk(r.question, r.ground_truth, r.sample, r.rubric))
         chunks[-1].positions.append(i)
         chunks[-1].responses.append(r.response)
     return [c for chunks in groups.values() for c in chunks]
@@ -140,7 +144,8 @@ class GroupTeacher:
 
     def key(self, chunk: Chunk, request: JudgeRequest) -> str:
         """The cache key of a request graded within CHUNK."""
-        return cache_key(self.model_name, self.rubric.fingerprint, {**self.flags, "group": chunk.digest}, request)
+        fingerprint = self.rubric.for_items(request.rubric).fingerprint
+        return cache_key(self.model_name, fingerprint, {**self.flags, "group": chunk.digest}, request)
 
     async def judge(self, requests: list[JudgeRequest]) -> list[Judgement]:
         """One Judgement per request, in order (see the module doc). Never raises for a failed call."""
@@ -172,7 +177,7 @@ class GroupTeacher:
         if not plans:
             return []
         calls = [GroupCall(c.question, c.ground_truth, tuple(c.uniques[i] for i in order), uuid.uuid4().hex[:16],
-                           c.sample)
+                           c.sample, c.rubric)
                  for c, order in plans]
         answers = await self.backend.judge_group(calls)
         out = []
@@ -203,7 +208,7 @@ class GroupTeacher:
         merged = [self._merge([p[u] for p in passes]) for u in range(len(uniques))]
         flip = None
         if len(passes) == 2:
-            rewards = [[self.rubric.reward(j.scores) if j.ok else None for j in p] for p in passes]
+            rewards = [[self.rubric.reward(j.scores, chunk.rubric) if j.ok else None for j in p] for p in passes]
             both = [a is not None and b is not None for a, b in zip(*rewards, strict=True)]
             flip = flipped(*([r if ok else None for r, ok in zip(rs, both, strict=True)] for rs in rewards))
         m = len(chunk.positions)

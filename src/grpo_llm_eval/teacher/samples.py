@@ -15,7 +15,7 @@ import statistics
 from grpo_llm_eval.teacher.types import Judgement, JudgeRequest
 
 
-def combine(samples: list[Judgement], rubric) -> Judgement:
+def combine(samples: list[Judgement], rubric, items: tuple = ()) -> Judgement:
     """One Judgement from the k grades of one completion: each criterion averaged over the ok samples.
 
     The result is ok when at least one sample is: a failed sample (a timeout, an unparseable grade) says nothing
@@ -28,7 +28,7 @@ def combine(samples: list[Judgement], rubric) -> Judgement:
     first = ok[0] if ok else samples[0]
     extra = dict(first.extra)
     extra["samples"] = [{"scores": dict(j.scores), "status": j.status} for j in samples]
-    rewards = [r for r in (rubric.reward(j.scores) for j in ok) if r is not None]
+    rewards = [r for r in (rubric.reward(j.scores, items) for j in ok) if r is not None]
     extra["sample_spread"] = statistics.pstdev(rewards) if len(rewards) >= 2 else None
     usages = [j.extra.get("usage") for j in samples if not j.cached and j.extra.get("usage")]
     if usages:
@@ -72,7 +72,7 @@ class SampledTeacher:
         # Sample-major order: the requests of one group stay next to each other within each repeat.
         repeated = [dataclasses.replace(r, sample=s) for s in range(self.k) for r in requests]
         graded = await self.inner.judge(repeated)
-        return [combine([graded[s * n + i] for s in range(self.k)], self.rubric) for i in range(n)]
+        return [combine([graded[s * n + i] for s in range(self.k)], self.rubric, requests[i].rubric) for i in range(n)]
 
     async def health_check(self) -> None:
         """The wrapped teacher's health check."""

@@ -19,13 +19,29 @@ class TeacherUnavailable(RuntimeError):
 
 
 @dataclass(frozen=True)
+class RubricItem:
+    """One item of an example's own rubric (``dataset_rubric_column``; data/rubrics.py reads and checks them).
+
+    ``id`` names the item's score in grades and records (stable across rows where the data gives it); ``text`` is
+    what the teacher reads; a negative ``weight`` marks a pitfall (met = the response makes that mistake);
+    ``check`` is the item's programmatic check as canonical JSON (data/constraints.py), never shown to the teacher.
+    """
+
+    id: str
+    text: str
+    weight: float = 1.0
+    check: str | None = None
+
+
+@dataclass(frozen=True)
 class JudgeRequest:
-    """One student response to grade."""
+    """One student response to grade; ``rubric`` holds the example's own items (empty: the config's criteria)."""
 
     question: str
     response: str
     ground_truth: str | None = None
     sample: int = 0  # which of teacher_samples repeated grades this is (0: the first)
+    rubric: tuple[RubricItem, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -42,6 +58,7 @@ class GroupCall:
     responses: tuple[str, ...]
     call_id: str
     sample: int = 0
+    rubric: tuple[RubricItem, ...] = ()
 
 
 @dataclass

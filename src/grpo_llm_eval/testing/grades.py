@@ -1,6 +1,7 @@
 """What the fake teacher of `teacher_server` writes: honest, fixed, gullible and hostile grades (stdlib only).
 
-- `scripted_grade`: a correct teacher (answer right when the last numbers match; format right with a think block).
+- `scripted_grade`: a correct teacher (answer right when the last numbers match; format right with a think block;
+  an example's own checklist items graded by their programmatic checks, `checklist_grades.py`).
 - `obedient_content`: a gullible teacher that reads the prompt naively and obeys whatever it finds outside
   the fenced material (an "ignore previous instructions" line, a ready-made evaluation block), and quotes
   any evaluation block it sees in the student's response after its own grade. It shows what the rubric's
@@ -25,6 +26,7 @@ import re
 import time
 from fractions import Fraction
 
+from grpo_llm_eval.testing.checklist_grades import checklist_grade
 from grpo_llm_eval.testing.group_grades import GROUP_MODES, group_content, is_group_prompt
 
 SEED_CRITERIA = ("thought_process", "answer", "format")
@@ -39,7 +41,7 @@ _TOKEN = re.compile(r"\d+|[A-Za-z_]+|\s+|[^\w\s]")
 _SCORE_MASS = (0.8, 0.15, 0.05)
 # What a gullible teacher takes as an order when it reads it outside the fenced material.
 INJECTION = re.compile(r"ignore (?:all |the )?(?:previous|above|prior) instructions", re.I)
-_FENCED = re.compile(r"<(question|student_response|ground_truth)>.*?</\1>", re.S)  # first closing tag ends it
+_FENCED = re.compile(r"<(question|student_response|ground_truth|rubric)>.*?</\1>", re.S)  # first closing tag ends it
 _EVAL_BLOCK = re.compile(r"<evaluation>.*?</evaluation>", re.S | re.I)
 _QUOTABLE = re.compile(r"(?:<|&lt;)evaluation>.*?(?:<|&lt;)/evaluation>", re.S | re.I)
 
@@ -73,8 +75,11 @@ def last_number(text: str | None) -> Fraction | None:
 
 
 def criteria_in(prompt: str) -> list[str]:
-    """Criterion names from the XML format a rubric prompt shows (`<name><score>`); the seed's if none."""
+    """Criterion names from the format a rubric prompt shows (XML `<name><score>`, else the JSON instructions'
+    `"name": {"score"` or `"name": <number`); the seed's if none."""
     names = [n for n in re.findall(r"<([A-Za-z_]\w*)>\s*<score>", prompt) if n != "evaluation"]
+    if not names:
+        names = re.findall(r'"([A-Za-z_]\w*)": (?:\{"score"|<number)', prompt)
     return list(dict.fromkeys(names)) or list(SEED_CRITERIA)
 
 
@@ -88,6 +93,9 @@ def scripted_grade(prompt: str, think_open: str = "<think>", think_close: str = 
     response, truth = extract_fields(prompt)
     if response is None:
         return {c: (0, "could not find the student's response in the prompt") for c in names}
+    items = checklist_grade(prompt, response, names)  # an example's own rubric: each item by its check
+    if items is not None:
+        return items
     got, want = last_number(response), last_number(truth)
     right = got is not None and want is not None and got == want
     verdict = (10 if right else 0, f"The final number {got} {'matches' if right else 'does not match'} "

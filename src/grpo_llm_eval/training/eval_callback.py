@@ -19,7 +19,9 @@ import time
 from transformers import TrainerCallback
 
 from grpo_llm_eval import data as data_mod
+from grpo_llm_eval.data.rubrics import from_json
 from grpo_llm_eval.evaluation.evaluate import generate_responses
+from grpo_llm_eval.evaluation.items import checklist_score
 from grpo_llm_eval.teacher.types import JudgeRequest
 from grpo_llm_eval.verifiers import answer_correct, format_correct
 
@@ -44,7 +46,8 @@ class EvalCallback(TrainerCallback):
         rows = loaded.dataset.select(range(min(cfg.eval_limit, len(loaded.dataset))))
         rows = data_mod.build_prompts(rows, cfg)
         self.questions = list(rows["question"])
-        self.truths = list(rows["answer"])
+        self.truths = [t if t and t.strip() else None for t in rows["answer"]]  # a row with its own rubric may have none
+        self.own = [from_json(r) for r in rows["rubric"]] if "rubric" in rows.column_names else [()] * len(rows)
         self.conversations = list(rows["prompt"])
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -69,8 +72,8 @@ class EvalCallback(TrainerCallback):
         # Every process must make the same generate calls (synced_gpus under FSDP/ZeRO-3): pad the short shards.
         padded = mine + [mine[-1] if mine else 0] * (math.ceil(len(self.conversations) / acc.num_processes) - len(mine))
         texts = self._generate([self.conversations[i] for i in padded])[:len(mine)]
-        judgements = self._judge([JudgeRequest(self.questions[i], t, self.truths[i]) for i, t in zip(mine, texts,
-                                                                                                     strict=True)])
+        judgements = self._judge([JudgeRequest(self.questions[i], t, self.truths[i], rubric=self.own[i])
+                                  for i, t in zip(mine, texts, strict=True)])
         cfg = self.cfg
         local = []
         for i, text, j in zip(mine, texts, judgements, strict=True):
@@ -78,7 +81,8 @@ class EvalCallback(TrainerCallback):
                 "answer_correct": answer_correct(text, self.truths[i], cfg.think_close_string),
                 "format_correct": format_correct(text, cfg.think_open_string, cfg.think_close_string),
                 "status": None if j is None else j.status,
-                "teacher_reward": self.rubric.reward(j.scores) if j is not None and j.ok else None,
+                "teacher_reward": self.rubric.reward(j.scores, self.own[i]) if j is not None and j.ok else None,
+                "constraint_share": checklist_score(self.own[i], text, cfg.think_close_string) if self.own[i] else None,
             })
         if acc.num_processes > 1:
             from accelerate.utils import gather_object
@@ -131,4 +135,8 @@ def summarize(rows: list[dict]) -> dict[str, float]:
     rewards = [r["teacher_reward"] for r in rows if r["teacher_reward"] is not None]
     if rewards:
         out["eval/teacher_reward"] = statistics.fmean(rewards)
+    shares = [r["constraint_share"] for r in rows if r.get("constraint_share") is not None]
+    if shares:  # examples' own rubrics with programmatic checks: the share of checkable items met, and all met
+        out["eval/constraint_share"] = statistics.fmean(shares)
+        out["eval/all_checks_met"] = sum(v == 1.0 for v in shares) / len(shares)
     return out

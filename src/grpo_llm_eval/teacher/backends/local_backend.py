@@ -164,7 +164,9 @@ class LocalTeacher:
                     else local_group.closed_group(c, self.rubric.names) for c in calls]
 
     def _judge_group_gated(self, call: GroupCall) -> list[Judgement]:
-        names = self.rubric.names
+        rubric = self.rubric.for_items(call.rubric)  # the example's own items, if it has them
+        group = self.group_prompt if rubric is self.rubric else GroupPrompt(rubric)
+        names = rubric.names
         try:
             self.usage.check()
         except BudgetSpent as exc:
@@ -173,9 +175,9 @@ class LocalTeacher:
         start = time.perf_counter()
         try:
             if self._scorer is not None:
-                out, tokens = local_group.forced_group(self._scorer, self.group_prompt, call)
+                out, tokens = local_group.forced_group(self._scorer, group, call)
             else:
-                out, tokens = local_group.decoded_group(self._llm, self.group_prompt, self.cfg, call)
+                out, tokens = local_group.decoded_group(self._llm, group, self.cfg, call)
         except Exception as exc:  # e.g. a group longer than the context: this call fails, the run goes on
             self.usage.add(1)
             return failed_group(call, names, "error", str(exc)[:300], latency_s=time.perf_counter() - start)
@@ -197,24 +199,25 @@ class LocalTeacher:
         try:
             self.usage.check()
         except BudgetSpent as exc:
-            return Judgement.failed("budget_spent", self.rubric.names, error=str(exc), attempts=0)
+            return Judgement.failed("budget_spent", self.rubric.for_items(req.rubric).names, error=str(exc), attempts=0)
         return self._judge_one(req)
 
     def _judge_one(self, req: JudgeRequest) -> Judgement:
         self._model()
+        rubric = self.rubric.for_items(req.rubric)  # the example's own items, if it has them
         if self._scorer is not None:
-            return self._judge_forced(req)
+            return self._judge_forced(req, rubric)
         cfg = self.cfg
         structured = cfg.teacher_structured_output
         kwargs: dict = dict(
-            messages=self.rubric.messages(req.question, req.response, req.ground_truth, json_mode=structured,
+            messages=rubric.messages(req.question, req.response, req.ground_truth, json_mode=structured,
                                            compact=True),
             # A seed per sample: with the run's seed alone, teacher_samples repeats would draw the same grade.
             temperature=cfg.teacher_temperature, max_tokens=cfg.max_feedback_new_tokens, seed=cfg.seed + req.sample,
         )
         if structured:
             # Compact grades with a short explanation: a 135M model rambles until max_tokens otherwise.
-            schema = self.rubric.json_schema(max_explanation_chars=32, compact=True)
+            schema = rubric.json_schema(max_explanation_chars=32, compact=True)
             kwargs["response_format"] = {"type": "json_object", "schema": schema}
         if cfg.teacher_logprob_scores:
             kwargs.update(logprobs=True, top_logprobs=20)
@@ -223,7 +226,7 @@ class LocalTeacher:
             out = self._model().create_chat_completion(**kwargs)
         except Exception as exc:  # e.g. a prompt longer than the context: this grade fails, the run goes on
             self.usage.add(1)
-            return Judgement.failed("error", self.rubric.names, error=str(exc)[:300],
+            return Judgement.failed("error", rubric.names, error=str(exc)[:300],
                                     latency_s=time.perf_counter() - start)
         used = out.get("usage") or {}
         self.usage.add(1, used.get("prompt_tokens", 0), used.get("completion_tokens", 0))
@@ -232,35 +235,35 @@ class LocalTeacher:
         choice = out["choices"][0]
         logprobs = (choice.get("logprobs") or {}).get("content") if cfg.teacher_logprob_scores else None
         judgement = judgement_from_completion(
-            self.rubric, choice["message"].get("content"), None, logprobs, bool(cfg.teacher_logprob_scores),
+            rubric, choice["message"].get("content"), None, logprobs, bool(cfg.teacher_logprob_scores),
             cfg.think_open_string, cfg.think_close_string, latency_s=time.perf_counter() - start, attempts=1)
         judgement.extra["finish_reason"] = choice.get("finish_reason")
         judgement.extra["usage"] = attributed
         return self._truncation.apply(judgement, choice.get("finish_reason"), structured, compact=True)
 
-    def _judge_forced(self, req: JudgeRequest) -> Judgement:
+    def _judge_forced(self, req: JudgeRequest, rubric) -> Judgement:
         """Scores read from digit probabilities after forced JSON keys (teacher/backends/local_scores.py)."""
         start = time.perf_counter()
-        messages = self.rubric.messages(req.question, req.response, req.ground_truth, json_mode=True, compact=True)
+        messages = rubric.messages(req.question, req.response, req.ground_truth, json_mode=True, compact=True)
         try:
-            text, scores = self._scorer.grade(messages)
+            text, scores = self._scorer.grade(messages, rubric.criteria)
         except Exception as exc:  # e.g. a prompt longer than the context: this grade fails, the run goes on
             self.usage.add(1)
-            return Judgement.failed("error", self.rubric.names, error=str(exc)[:300],
+            return Judgement.failed("error", rubric.names, error=str(exc)[:300],
                                     latency_s=time.perf_counter() - start)
         prompt_tokens, completion_tokens = self._scorer.token_counts(messages, text)
         self.usage.add(1, prompt_tokens, completion_tokens)
-        judgement = judgement_from_completion(self.rubric, text, None, None, False, self.cfg.think_open_string,
+        judgement = judgement_from_completion(rubric, text, None, None, False, self.cfg.think_open_string,
                                               self.cfg.think_close_string, latency_s=time.perf_counter() - start,
                                               attempts=1)
         judgement.extra["usage"] = {"calls": 1, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
-        missing = [name for name in self.rubric.names if scores.get(name) is None]
+        missing = [name for name in rubric.names if scores.get(name) is None]
         if judgement.ok and missing:
-            return Judgement.failed("incomplete", self.rubric.names, raw=text, latency_s=judgement.latency_s,
+            return Judgement.failed("incomplete", rubric.names, raw=text, latency_s=judgement.latency_s,
                                     error=f"the teacher put no probability on the scale of: {', '.join(missing)}")
         if judgement.ok:
-            judgement.scores = {name: scores[name] for name in self.rubric.names}
-            judgement.extra["score_source"] = {name: "logprob" for name in self.rubric.names}
+            judgement.scores = {name: scores[name] for name in rubric.names}
+            judgement.extra["score_source"] = {name: "logprob" for name in rubric.names}
         return judgement
 
     async def aclose(self) -> None:

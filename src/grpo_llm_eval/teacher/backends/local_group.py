@@ -71,7 +71,7 @@ def forced_group(scorer, group: GroupPrompt, call: GroupCall) -> tuple[list[Judg
     n = len(call.responses)
     start = time.perf_counter()
     messages = group.messages(call.question, call.ground_truth, call.responses, json_mode=True, compact=True)
-    text, per_label = scorer.grade_group(messages, labels(n))
+    text, per_label = scorer.grade_group(messages, labels(n), group.rubric.criteria)
     tokens = scorer.token_counts(messages, text)
     judgements = group_judgements(group, call, text, time.perf_counter() - start, 1, *tokens)
     names = group.rubric.names

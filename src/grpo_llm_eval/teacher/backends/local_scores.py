@@ -130,12 +130,14 @@ class ForcedScorer:
         prompt = self._formatter(messages=messages).prompt
         return len(self._tokens(prompt)), len(self.llm.tokenize(grade.encode("utf-8"), add_bos=False, special=False))
 
-    def grade(self, messages: list[dict]) -> tuple[str, dict[str, float | None]]:
-        """(the grade as JSON text, each criterion's probability-weighted score or None)."""
+    def grade(self, messages: list[dict], criteria=None) -> tuple[str, dict[str, float | None]]:
+        """(the grade as JSON text, each criterion's probability-weighted score or None); CRITERIA: the request's
+        own (an example's rubric items), else the run rubric's."""
         prompt = self._formatter(messages=messages).prompt
-        return self._fill(prompt, "{")
+        return self._fill(prompt, "{", criteria)
 
-    def grade_group(self, messages: list[dict], labels: list[str]) -> tuple[str, list[dict[str, float | None]]]:
+    def grade_group(self, messages: list[dict], labels: list[str],
+                    criteria=None) -> tuple[str, list[dict[str, float | None]]]:
         """A group grade ``{"R1": {grade}, "R2": {grade}, ...}`` (``judge_mode: group``) and each label's scores.
 
         Each label's object is forced and read as `grade` reads one, right after the prompt (``{"Rk": {`` forced),
@@ -147,17 +149,17 @@ class ForcedScorer:
         prompt = self._formatter(messages=messages).prompt
         blocks, per_label = [], []
         for label in labels:
-            block, scores = self._fill(prompt, "{" + json.dumps(label)[:-1] + _KEY_END + "{")
+            block, scores = self._fill(prompt, "{" + json.dumps(label)[:-1] + _KEY_END + "{", criteria)
             blocks.append(block[1:])
             per_label.append(scores)
         return "{" + ", ".join(blocks) + "}", per_label
 
-    def _fill(self, prompt: str, opening: str) -> tuple[str, dict[str, float | None]]:
+    def _fill(self, prompt: str, opening: str, criteria=None) -> tuple[str, dict[str, float | None]]:
         """OPENING and one grade object written after PROMPT: forced keys, the most likely integer of each score,
         an explanation decoded up to its closing quote; with each criterion's probability-weighted score."""
         text = ""
         scores: dict[str, float | None] = {}
-        for i, c in enumerate(self.rubric.criteria):
+        for i, c in enumerate(criteria if criteria is not None else self.rubric.criteria):
             text += (opening if i == 0 else ", ") + json.dumps(c.name)[:-1] + _KEY_END
             probs = self._scale_probs(prompt + text, forced_scale(c))
             total = sum(probs.values())

@@ -213,18 +213,23 @@ class OpenAITeacher(FailureHandling):
 
     # ---- one request -----------------------------------------------------------------------------
     async def _judge_one(self, state: _LoopState, req: JudgeRequest) -> Judgement:
+        rubric = self.rubric.for_items(req.rubric)
         return await self._call(state, lambda structured, fmt: self._pointwise(req, structured, fmt),
-                                self.cfg.max_feedback_new_tokens, True, self._finish, self._failed)
+                                self.cfg.max_feedback_new_tokens, True,
+                                lambda *args: self._finish(*args, rubric=rubric),
+                                lambda *args: self._failed(*args, names=rubric.names))
 
     async def _judge_group_one(self, state: _LoopState, call: GroupCall) -> list[Judgement]:
-        n, group, names = len(call.responses), self.group_prompt, self.rubric.names
+        rubric = self.rubric.for_items(call.rubric)
+        group = self.group_prompt if rubric is self.rubric else GroupPrompt(rubric)
+        n, names = len(call.responses), rubric.names
         max_tokens = n * self.cfg.max_feedback_new_tokens
 
         def request_for(structured: bool, fmt: str) -> tuple[list[dict], dict | None]:
             messages = group.messages(call.question, call.ground_truth, call.responses, json_mode=structured)
             if not structured:
                 return messages, None
-            chars = max(1, self.rubric.explanation_chars_within(self.cfg.max_feedback_new_tokens))
+            chars = max(1, rubric.explanation_chars_within(self.cfg.max_feedback_new_tokens))
             return messages, (group.response_format(n) if fmt == "json_schema"
                               else {"type": "json_object", "schema": group.json_schema(n, max_explanation_chars=chars)})
 
@@ -243,18 +248,19 @@ class OpenAITeacher(FailureHandling):
             return [self._record(j) for j in out]
 
         def fail(status: str, exc: Exception, start: float, attempts: int) -> list[Judgement]:
-            first = self._failed(status, exc, start, attempts)
+            first = self._failed(status, exc, start, attempts, names=names)
             out = failed_group(call, names, first.status, first.error, first.latency_s, attempts)
             return [out[0], *(self._record(j) for j in out[1:])]
 
         return await self._call(state, request_for, max_tokens, False, finish, fail)
 
     def _pointwise(self, req: JudgeRequest, structured: bool, fmt: str) -> tuple[list[dict], dict | None]:
-        messages = self.rubric.messages(req.question, req.response, req.ground_truth, json_mode=structured)
+        rubric = self.rubric.for_items(req.rubric)  # the example's own items, if it has them
+        messages = rubric.messages(req.question, req.response, req.ground_truth, json_mode=structured)
         if not structured:
             return messages, None
-        return messages, (self.rubric.response_format() if fmt == "json_schema"
-                          else {"type": "json_object", "schema": self._grammar_schema()})
+        return messages, (rubric.response_format() if fmt == "json_schema"
+                          else {"type": "json_object", "schema": self._grammar_schema(rubric)})
 
     async def _call(self, state: _LoopState, request_for, max_tokens: int, logprobs_ok: bool, finish, fail):
         """One teacher call with retries: `request_for(structured, fmt)` -> (messages, response_format), then
@@ -317,19 +323,21 @@ class OpenAITeacher(FailureHandling):
         # httpx's timeout is per read; a server trickling bytes would never trip it, so also bound the whole call.
         return await asyncio.wait_for(call, self.timeout_s + 1.0)
 
-    def _grammar_schema(self) -> dict:
+    def _grammar_schema(self, rubric) -> dict:
         """The schema for a grammar engine, explanations bounded so a grade fits in max_feedback_new_tokens."""
-        chars = self.rubric.explanation_chars_within(self.cfg.max_feedback_new_tokens)
-        return self.rubric.json_schema(max_explanation_chars=max(1, chars))
+        chars = rubric.explanation_chars_within(self.cfg.max_feedback_new_tokens)
+        return rubric.json_schema(max_explanation_chars=max(1, chars))
 
-    def _finish(self, completion, logprobs: bool, start: float, attempts: int, structured: bool = False) -> Judgement:
+    def _finish(self, completion, logprobs: bool, start: float, attempts: int, structured: bool = False,
+                rubric=None) -> Judgement:
+        rubric = rubric or self.rubric
         latency = time.monotonic() - start
         usage = getattr(completion, "usage", None)
         if usage is not None:
             self._bump("prompt_tokens", usage.prompt_tokens or 0)
             self._bump("completion_tokens", usage.completion_tokens or 0)
         if not completion.choices:
-            return self._record(Judgement.failed("empty", self.rubric.names, "the teacher returned no choices",
+            return self._record(Judgement.failed("empty", rubric.names, "the teacher returned no choices",
                                                  latency_s=latency, attempts=attempts))
         choice = completion.choices[0]
         message = choice.message
@@ -338,18 +346,18 @@ class OpenAITeacher(FailureHandling):
         if logprobs and choice.logprobs is not None and choice.logprobs.content:
             tokens = [t.model_dump() for t in choice.logprobs.content]
         judgement = judgement_from_completion(
-            self.rubric, message.content, reasoning if isinstance(reasoning, str) else None, tokens, logprobs,
+            rubric, message.content, reasoning if isinstance(reasoning, str) else None, tokens, logprobs,
             self.cfg.think_open_string, self.cfg.think_close_string, latency, attempts)
         judgement.extra["finish_reason"] = choice.finish_reason
         judgement.extra["usage"] = {"calls": attempts, "prompt_tokens": getattr(usage, "prompt_tokens", 0) or 0,
                                     "completion_tokens": getattr(usage, "completion_tokens", 0) or 0}
         return self._record(self._truncation.apply(judgement, choice.finish_reason, structured))
 
-    def _failed(self, status: str, exc: Exception, start: float, attempts: int) -> Judgement:
+    def _failed(self, status: str, exc: Exception, start: float, attempts: int, names=None) -> Judgement:
         error = self._redact(f"{type(exc).__name__}: {exc}")
         if status == "error":  # not a transport failure: likely a bug, so say so loudly (without a traceback,
             logger.warning("unexpected error while grading: %s", error)  # whose text we cannot redact)
-        return self._record(Judgement.failed(status, self.rubric.names, error,
+        return self._record(Judgement.failed(status, names or self.rubric.names, error,
                                              latency_s=time.monotonic() - start, attempts=attempts))
 
     def _record(self, judgement: Judgement) -> Judgement:

@@ -147,12 +147,13 @@ class GroupPrompt:
         if not responses:
             raise ValueError("a group prompt needs at least one response")
         values = {
+            "rubric": self.rubric.rubric_block(),
             "question": self.rubric.fenced("question", question or "", self._protected),
             "student_response": self.responses_text(responses),
             "ground_truth": self.rubric.fenced("ground_truth", NO_GROUND_TRUTH if ground_truth is None else ground_truth,
                                                self._protected),
         }
-        content = render(self.rubric.template, values).rstrip("\n")
+        content = render(self.rubric.template_for(json_mode), values).rstrip("\n")
         instructions = self.instructions(len(responses), json_mode, compact)
         if json_mode and compact:
             # First, as a system message, as pointwise compact prompts do (a local teacher's prompt cache).
