@@ -275,12 +275,10 @@ def validate(data: dict) -> Config:
     if criteria_ok:
         _check_grade_room(cfg, problems)
     _check_samples(cfg, problems, criteria_ok)
-    if cfg.use_unsloth:
-        problems.append(
-            "use_unsloth: true is not supported: the student is loaded with transformers (and peft for LoRA), and "
-            "unsloth's patched models are untested with this project's TRL trainer; set use_unsloth: false (or "
-            "drop the key). For faster rollouts use trl: {use_vllm: true} (README, 'Several GPUs or machines')."
-        )
+    if cfg.use_unsloth:  # the seed's example asks for it: warn once and train with transformers
+        from grpo_llm_eval.models import warn_unsloth_fallback
+
+        warn_unsloth_fallback()
     _check_judge_ahead(cfg, problems)
     if cfg.group_judge_passes > 1 and cfg.judge_mode != "group":
         problems.append(f"group_judge_passes: {cfg.group_judge_passes} only applies to judge_mode group (judge_mode is "
