@@ -284,10 +284,22 @@ def save_final(trainer, cfg, out: Path) -> Path | None:
                 merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
                 merged.save_pretrained(str(staged / "merged"))
                 trainer.processing_class.save_pretrained(str(staged / "merged"))
-            model_card.write_card(out, staged)  # over peft's card; the run folder's README.md is the same card
+            _write_card(out, staged)
     trainer.accelerator.wait_for_everyone()
     if main:
         with checkpoints.saving(staged, "the final model", out):
             checkpoints.publish(staged, final)
     trainer.accelerator.wait_for_everyone()
     return final
+
+
+def _write_card(out: Path, staged: Path) -> None:
+    """The model card, over peft's, in final/ and the run folder; a card that cannot be built never costs the model
+    (a full disk still can: checkpoints.saving names it)."""
+    try:
+        model_card.write_card(out, staged)
+    except OSError:
+        raise
+    except Exception as exc:
+        logger.warning("The model card could not be written (%s: %s); final/ is saved without it.",
+                       type(exc).__name__, exc)
