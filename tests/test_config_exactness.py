@@ -105,6 +105,28 @@ class TestUnsloth:
         assert not [r for r in caplog.records if "unsloth" in r.getMessage()]
 
 
+class TestFourBit:
+    def test_a_4_bit_load_bitsandbytes_cannot_do_falls_back_to_full_precision_with_one_line(self, tiny_model, caplog):
+        """The seed's example asks for load_in_4bit; where bitsandbytes is missing or broken (its CUDA build, this
+        GPU) the student still loads, in full precision, after one warning line."""
+        import importlib.util
+        import logging
+
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        from grpo_llm_eval import models
+
+        if importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available():
+            pytest.skip("bitsandbytes works here: there is nothing to fall back from")
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+        with caplog.at_level(logging.WARNING):
+            model = models._load_model(tiny_model, {"dtype": torch.float32, "quantization_config": quant})
+        assert not getattr(model, "is_loaded_in_4bit", False)
+        [line] = [r.getMessage() for r in caplog.records if "load_in_4bit" in r.getMessage()]
+        assert "full precision" in line and "\n" not in line
+
+
 class TestTrainerRefusesWhatConfigWouldHave:
     """The same guarantees for library users who build the trainer's GRPOConfig themselves."""
 
