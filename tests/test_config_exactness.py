@@ -1,5 +1,5 @@
 """Settings under which a documented guarantee would silently not hold are refused with a config error that
-names the key, the value and the fix: judging ahead's exactness, and the seed's `use_unsloth`."""
+names the key, the value and the fix: judging ahead's exactness. The seed's `use_unsloth` warns instead."""
 
 from __future__ import annotations
 
@@ -70,14 +70,61 @@ class TestJudgeAheadIsExactOrRefused:
 
 
 class TestUnsloth:
-    def test_use_unsloth_true_is_a_config_error_naming_the_fix(self):
-        """Old code accepted use_unsloth: true and never used it (a silent no-op on a GPU with unsloth)."""
-        [p] = problems_of({"use_unsloth": True})
-        assert p.startswith("use_unsloth: true is not supported") and "use_unsloth: false" in p
+    def test_the_seeds_example_passes_dry_run_with_one_unsloth_warning_line(self, caplog, capsys):
+        """The seed's example sets use_unsloth: true and load_in_4bit: true. Old code exited 2 on it (a config
+        error); a user from the seed must get one warning line naming what is used instead and why."""
+        import logging
 
-    def test_the_seed_key_still_loads_when_false(self):
+        from grpo_llm_eval import cli, models
+
+        example = yaml.safe_load((ROOT / "configs/example.yaml").read_text())
+        assert example["use_unsloth"] is True and example["load_in_4bit"] is True
+        models._unsloth_warned = False
+        with caplog.at_level(logging.WARNING):
+            code = cli.main(["--config", str(ROOT / "configs/example.yaml"), "--dry-run"])
+        assert code == 0, capsys.readouterr().err
+        assert yaml.safe_load(capsys.readouterr().out)["use_unsloth"] is True
+        lines = [r.getMessage() for r in caplog.records if "unsloth" in r.getMessage()]
+        assert len(lines) == 1 and "\n" not in lines[0], lines
+        assert "instead" in lines[0] and "transformers" in lines[0]
+        assert "trl<=1.15.0" in lines[0] and "transformers<=5.17.0" in lines[0]  # today's trl 1.16 is outside it
+
+    def test_it_warns_once_per_process(self, caplog):
+        import logging
+
+        from grpo_llm_eval import models
+
+        models._unsloth_warned = False
+        with caplog.at_level(logging.WARNING):
+            validate({"use_unsloth": True})
+            validate({"use_unsloth": True})
+        assert sum("use_unsloth" in r.getMessage() for r in caplog.records) == 1
+
+    def test_the_seed_key_still_loads_when_false(self, caplog):
         assert validate({"use_unsloth": False}).use_unsloth is False
-        assert yaml.safe_load((ROOT / "configs/example.yaml").read_text())["use_unsloth"] is False
+        assert not [r for r in caplog.records if "unsloth" in r.getMessage()]
+
+
+class TestFourBit:
+    def test_a_4_bit_load_bitsandbytes_cannot_do_falls_back_to_full_precision_with_one_line(self, tiny_model, caplog):
+        """The seed's example asks for load_in_4bit; where bitsandbytes is missing or broken (its CUDA build, this
+        GPU) the student still loads, in full precision, after one warning line."""
+        import importlib.util
+        import logging
+
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        from grpo_llm_eval import models
+
+        if importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available():
+            pytest.skip("bitsandbytes works here: there is nothing to fall back from")
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+        with caplog.at_level(logging.WARNING):
+            model = models._load_model(tiny_model, {"dtype": torch.float32, "quantization_config": quant})
+        assert not getattr(model, "is_loaded_in_4bit", False)
+        [line] = [r.getMessage() for r in caplog.records if "load_in_4bit" in r.getMessage()]
+        assert "full precision" in line and "\n" not in line
 
 
 class TestTrainerRefusesWhatConfigWouldHave:

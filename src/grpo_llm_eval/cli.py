@@ -64,9 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write a self-contained HTML report of a run")
     report.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
     report.add_argument("--output", help="HTML file to write (default: RUN_DIR/report.html)")
-    report.add_argument("--eval", dest="eval_dir", help="folder (or file) with eval_summary.json to include")
+    report.add_argument("--eval", dest="eval_dir", help="folder (or file) with eval_summary.json to include (in the "
+                                                        "report and in final/'s model card)")
     report.add_argument("--calibration", dest="calibration_dir",
-                        help="folder (or file) with calibration.json (from `calibrate`) to include")
+                        help="folder (or file) with calibration.json (from `calibrate`) to include (in the report and "
+                             "in final/'s model card)")
     report.add_argument("--max-rows", type=int, default=2000, help="rollouts shown in the table: the last N")
     report.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
     return parser
@@ -93,11 +95,12 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from grpo_llm_eval.models import ModelError
     from grpo_llm_eval.teacher.types import TeacherUnavailable
     from grpo_llm_eval.training.checkpoints import ResumeError, SaveError
+    from grpo_llm_eval.training.model_card import PushError
     from grpo_llm_eval.training.run_dir import RunDirError
     from grpo_llm_eval.training.train import TrainingAborted
 
     return (DataError, ModelError, RunDirError, TeacherUnavailable, ResumeError, SaveError, TrainingAborted,
-            CalibrationError, RubricError)
+            CalibrationError, RubricError, PushError)
 
 
 def _resume_config(args):

@@ -128,25 +128,96 @@ def resolve_model_path(name: str, cache_dir: str) -> str:
     return name
 
 
+# unsloth's latest release (2026.10.9) and the newest TRL and transformers it accepts.
+UNSLOTH_RELEASE = "2026.10.9"
+UNSLOTH_MAX = {"trl": "1.15.0", "transformers": "5.17.0"}
+_unsloth_warned = False
+
+
+def unsloth_fallback_reasons() -> list[str]:
+    """Why the student is loaded with transformers when the config asks for unsloth (the seed's `use_unsloth`).
+
+    unsloth's loading is not wired into this project: it needs a GPU to run and be verified, and its release
+    accepts older TRL and transformers than this project pins. The reasons are the ones true on this machine."""
+    from importlib import metadata
+
+    from packaging.version import Version
+
+    reasons = []
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            reasons.append("no CUDA GPU")
+    except ImportError:
+        reasons.append("no torch")
+    if importlib.util.find_spec("unsloth") is None:
+        reasons.append("unsloth is not installed")
+    too_new = []
+    for dist, ceiling in UNSLOTH_MAX.items():
+        try:
+            installed = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+        if Version(installed) > Version(ceiling):
+            too_new.append(f"{dist} {installed}")
+    if too_new:
+        needs = " and ".join(f"{d}<={v}" for d, v in UNSLOTH_MAX.items())
+        reasons.append(f"unsloth {UNSLOTH_RELEASE} needs {needs}, installed {' and '.join(too_new)}")
+    reasons.append("this project's unsloth path is not wired yet (it has never run on a GPU here)")
+    return reasons
+
+
+def warn_unsloth_fallback() -> None:
+    """One warning line per process: what is used instead of unsloth, and why."""
+    global _unsloth_warned
+    if _unsloth_warned:
+        return
+    _unsloth_warned = True
+    logger.warning("use_unsloth: true: loading the student with transformers (and peft for LoRA) instead: %s. "
+                   "Set use_unsloth: false to silence this.", "; ".join(unsloth_fallback_reasons()))
+
+
 def _check_optional(cfg) -> None:
     """The seed's example asks for 4 bit; on a machine without it, warn and go on plainly."""
     import torch
 
     if cfg.load_in_4bit and not (torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes")):
         logger.warning("load_in_4bit: needs CUDA and bitsandbytes, not found here; loading in full precision.")
+    elif cfg.load_in_4bit and not cfg.lora.enabled:
+        logger.warning("load_in_4bit: a 4-bit model trains only through LoRA adapters and lora.enabled is false; "
+                       "loading in full precision (set lora.enabled: true to train in 4 bit).")
+
+
+def _load_model(path: str, kwargs: dict):
+    """from_pretrained; a 4-bit load that bitsandbytes cannot do (its CUDA build, this GPU) falls back to full
+    precision with one warning line, as the seed's example must still train where 4 bit is not to be had."""
+    from transformers import AutoModelForCausalLM
+
+    if "quantization_config" not in kwargs:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError:
+        raise
+    except Exception as exc:  # bitsandbytes raises ImportError, RuntimeError or ValueError by version
+        logger.warning("load_in_4bit: bitsandbytes could not load the student in 4 bit (%s); loading in full "
+                       "precision.", _first_line(exc))
+        plain = {k: v for k, v in kwargs.items() if k != "quantization_config"}
+        return AutoModelForCausalLM.from_pretrained(path, **plain)
 
 
 def load_student(cfg) -> LoadedStudent:
     """Load the student model and tokenizer for training."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     _check_optional(cfg)
     path = resolve_model_path(cfg.student_model_name, cfg.cache_dir)
     kwargs: dict = {}
     if torch.cuda.is_available():
         kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if cfg.load_in_4bit and importlib.util.find_spec("bitsandbytes"):
+        if cfg.load_in_4bit and cfg.lora.enabled and importlib.util.find_spec("bitsandbytes"):
             from transformers import BitsAndBytesConfig
 
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=kwargs["dtype"])
@@ -154,7 +225,7 @@ def load_student(cfg) -> LoadedStudent:
         kwargs["dtype"] = torch.float32
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = _load_model(path, kwargs)
     except OSError as exc:
         raise ModelError(
             f"student_model_name {cfg.student_model_name!r}: cannot be loaded ({_first_line(exc)}); offline, use a local "

@@ -45,7 +45,7 @@ class Config:
     teacher_model_name: str = _f(BUNDLED_STUDENT, "Teacher model: the served model name (openai) or a model (local).")
     teacher_backend: str = _f("local", "Where the teacher runs.", choices=BACKENDS)
     openai_base_url: str = _f("", "OpenAI-compatible base URL of the teacher; empty: the openai library's default. Key from OPENAI_API_KEY.")
-    use_unsloth: bool = _f(False, "Seed key, kept so seed configs load: must be false (true is refused: the student loads with transformers and peft).")
+    use_unsloth: bool = _f(False, "Seed key: true warns once (unsloth is not wired: no GPU to verify it, and its TRL range) and loads with transformers and peft.")
     load_in_4bit: bool = _f(False, "Load the student in 4 bit (only where bitsandbytes and CUDA are there; else a warning).")
     lora: LoraSection = field(default_factory=LoraSection, metadata={"help": "LoRA section (see below)."})
     # ---- data ---------------------------------------------------------------------------------

@@ -144,6 +144,20 @@ def _check_trl(section: dict, problems: list[str]) -> None:
             problems.append(f"trl.{key}: not a trl.GRPOConfig field; {tip}")
 
 
+def _check_hub(section: dict, problems: list[str]) -> None:
+    """`trl.push_to_hub` pushes final/ with its card once training ends (training/model_card.py), not TRL's way."""
+    if "hub_token" in section:
+        problems.append("trl.hub_token: a token in the config would be written to the run's config.yaml; drop it "
+                        "and give the token as HF_TOKEN in the environment, or run `hf auth login` once.")
+    if section.get("push_to_hub") and not section.get("hub_model_id"):
+        problems.append("trl.push_to_hub: true needs trl.hub_model_id, the repo to push to, e.g. "
+                        "trl: {push_to_hub: true, hub_model_id: your-name/your-model}.")
+    for key in ("hub_strategy", "hub_always_push"):
+        if key in section and section[key] not in ("end", False):
+            problems.append(f"trl.{key}: {section[key]!r}: only final/ is pushed, once, with its model card, when "
+                            f"training ends; drop trl.{key} (push a checkpoint yourself with `hf upload`).")
+
+
 def _check_criteria(criteria: list, problems: list[str]) -> None:
     for i, c in enumerate(criteria):
         where = f"criteria[{i}]"
@@ -256,6 +270,7 @@ def validate(data: dict) -> Config:
         )
     if cfg.trl:
         _check_trl(cfg.trl, problems)
+        _check_hub(cfg.trl, problems)
     _check_criteria(cfg.criteria, problems)
     if cfg.teacher_backend == "openai" and is_redacted(cfg.openai_base_url):
         problems.append(
@@ -275,12 +290,10 @@ def validate(data: dict) -> Config:
     if criteria_ok:
         _check_grade_room(cfg, problems)
     _check_samples(cfg, problems, criteria_ok)
-    if cfg.use_unsloth:
-        problems.append(
-            "use_unsloth: true is not supported: the student is loaded with transformers (and peft for LoRA), and "
-            "unsloth's patched models are untested with this project's TRL trainer; set use_unsloth: false (or "
-            "drop the key). For faster rollouts use trl: {use_vllm: true} (README, 'Several GPUs or machines')."
-        )
+    if cfg.use_unsloth:  # the seed's example asks for it: warn once and train with transformers
+        from grpo_llm_eval.models import warn_unsloth_fallback
+
+        warn_unsloth_fallback()
     _check_judge_ahead(cfg, problems)
     if cfg.group_judge_passes > 1 and cfg.judge_mode != "group":
         problems.append(f"group_judge_passes: {cfg.group_judge_passes} only applies to judge_mode group (judge_mode is "

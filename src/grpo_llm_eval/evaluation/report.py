@@ -87,6 +87,12 @@ def build_report(run_dir: str | Path, output: str | Path | None = None, eval_dir
     tmp = out.with_name(out.name + ".partial")
     tmp.write_text(page(escape(title), body), encoding="utf-8")
     tmp.replace(out)
+    if eval_dir is not None or calibration_dir is not None:  # the card of final/ names the numbers given here
+        from grpo_llm_eval.training.model_card import write_card
+
+        card = write_card(run, eval_summary=summary, calibration=calibration)
+        if card is not None:
+            logger.info("Model card with this evaluation: %s", card)
     return out
 
 

@@ -14,7 +14,7 @@ from grpo_llm_eval import data as data_mod
 from grpo_llm_eval import models
 from grpo_llm_eval.teacher import build_teacher
 from grpo_llm_eval.teacher.grading.rubric import Rubric
-from grpo_llm_eval.training import checkpoints, run_dir
+from grpo_llm_eval.training import checkpoints, model_card, run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,9 @@ def grpo_args(cfg, out_dir: Path):
         log_completions=False,
     )
     mapped.update(cfg.trl)
+    # TRL's own push would upload the run folder (rollouts, the judgement cache) and reach the Hub when the trainer
+    # is built; final/ is pushed with its card once it is saved (model_card.push_final).
+    mapped["push_to_hub"] = False
     return GRPOConfig(**mapped)
 
 
@@ -119,6 +122,8 @@ def train(cfg, resume: str | Path | None = None) -> TrainResult:
             _close_teacher(teacher, getattr(trainer, "async_loop", None))
     _raise_if_stopped(trainer, cfg, out, stopper, guard, monitor)
     final = save_final(trainer, cfg, out)
+    if cfg.trl.get("push_to_hub") and is_main:
+        model_card.push_final(final, cfg.trl)
     return TrainResult(run_dir=out, global_step=trainer.state.global_step, final_dir=final)
 
 
@@ -279,9 +284,22 @@ def save_final(trainer, cfg, out: Path) -> Path | None:
                 merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
                 merged.save_pretrained(str(staged / "merged"))
                 trainer.processing_class.save_pretrained(str(staged / "merged"))
+            _write_card(out, staged)
     trainer.accelerator.wait_for_everyone()
     if main:
         with checkpoints.saving(staged, "the final model", out):
             checkpoints.publish(staged, final)
     trainer.accelerator.wait_for_everyone()
     return final
+
+
+def _write_card(out: Path, staged: Path) -> None:
+    """The model card, over peft's, in final/ and the run folder; a card that cannot be built never costs the model
+    (a full disk still can: checkpoints.saving names it)."""
+    try:
+        model_card.write_card(out, staged)
+    except OSError:
+        raise
+    except Exception as exc:
+        logger.warning("The model card could not be written (%s: %s); final/ is saved without it.",
+                       type(exc).__name__, exc)

@@ -268,6 +268,10 @@ class TeacherGRPOTrainer(GRPOTrainer):
         return sft_loss.sft_loss(model, head, batches, forwards, calls, rows, pad if pad is not None else 0,
                                  self.accelerator.device)
 
+    def create_model_card(self, *args, **kwargs) -> None:
+        """TRL's card (written into the run folder at every checkpoint) names base model "None" for a model passed
+        in as an object; the run's card is written with final/ instead (training/model_card.py)."""
+
     # ---- atomic checkpoints -------------------------------------------------------------------------
 
     def _get_output_dir(self, trial):
