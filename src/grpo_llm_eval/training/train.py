@@ -141,6 +141,7 @@ def _prepare_run(cfg, resume):
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
+    _refuse_fsdp_without_gpus()
     # cpu= as TrainingArguments decides it later: without it, processes launched on CPUs would not join one
     # group, and each would take itself for the main process.
     state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -155,6 +156,21 @@ def _prepare_run(cfg, resume):
             checkpoints.truncate_records(out, checkpoints.step_of(Path(resume)))
     state.wait_for_everyone()
     return cfg, out, state.is_main_process
+
+
+def _refuse_fsdp_without_gpus() -> None:
+    """`accelerate launch` with an FSDP config (configs/accelerate/fsdp2.yaml) where no GPU is visible is no FSDP:
+    accelerate starts independent single-process runs into one run folder (or, with ACCELERATE_USE_CPU=1, DDP)."""
+    import torch
+    from accelerate.utils import parse_flag_from_env
+
+    from grpo_llm_eval.config.load import ConfigError
+
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and not torch.cuda.is_available():
+        raise ConfigError(["accelerate launch with FSDP (e.g. configs/accelerate/fsdp2.yaml) needs GPUs, and none is "
+                           "visible: accelerate cannot run FSDP on CPU (the processes would train apart into one run "
+                           "folder); launch with configs/accelerate/cpu_2proc.yaml for several CPU processes, or on "
+                           "a machine with GPUs"])
 
 
 def _build_trainer(cfg, out: Path, dataset, rubric, teacher, is_main: bool):
