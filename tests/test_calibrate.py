@@ -122,6 +122,28 @@ class TestGroupMode:
         assert verdict({**honest, "position_flip_rate": biased["position_flip_rate"]}).startswith("POSITION BIAS:")
 
 
+class TestMasterKeysInGroupMode:
+    def test_master_keys_are_graded_apart_from_the_real_groups(self, responses, tmp_path):
+        """Old code appended the keys to their question's requests, so they were graded in group calls with that
+        question's samples (groups larger than the samples) or with each other: the grades, the AUC and
+        master_key_pass_rate changed with the calibration's size."""
+        from tests.test_group_judging import OrderRecordingServer
+
+        few = 3  # a small calibration: the old code's batch held every sample and key, so keys joined the groups
+        small = tmp_path / "small.jsonl"
+        small.write_text("".join(responses.read_text(encoding="utf-8").splitlines(keepends=True)[:few * SAMPLES]))
+        with OrderRecordingServer(mode="position_biased") as server:
+            cfg = load_config(None, [*teacher_overrides(server), "judge_mode=group", f"num_return_sequences={SAMPLES}"])
+            result = calibrate(cfg, tmp_path / "cal", responses=small)
+            shown = server.shown
+        samples = [call for call in shown if all("</think>" in r for r in call)]  # every sample has a think block
+        keys = [call for call in shown if call not in samples]
+        assert len(samples) == few and all(len(call) <= SAMPLES for call in samples)  # (duplicates shown once)
+        assert len(keys) == len(MASTER_KEYS) and all(len(call) == 1 for call in keys)
+        # alone, every key is the first response shown: this teacher gives it the top score
+        assert result["master_key_pass_rate"] == 1.0
+
+
 class TestMeasure:
     def test_self_disagreement_is_the_mean_repeat_difference_as_a_share_of_the_scale(self):
         rubric = Rubric.from_config(load_config(None, [f"evaluation_prompt={SEED_EVALUATION_PROMPT}"]))

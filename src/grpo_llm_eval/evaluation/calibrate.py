@@ -18,7 +18,9 @@ verifier. Measured (keys of DIR/calibration.json; every row is in DIR/calibratio
 - `position_flip_rate`: group judging with `group_judge_passes: 2` only: the share of groups whose ranking by
   teacher reward flipped when the order was reversed; null with a reason otherwise.
 - `master_key_pass_rate`: the share of master-key responses (no answer at all, from "One Token to Fool
-  LLM-as-a-Judge", arXiv 2507.08794) whose answer score is above the middle of the answer scale.
+  LLM-as-a-Judge", arXiv 2507.08794) whose answer score is above the middle of the answer scale. Each master key
+  is graded in group mode as a group of one, apart from the sampled responses, so neither its grade nor theirs
+  depends on how many samples or keys the calibration holds.
 - `verdict`: one line naming the worst finding.
 """
 
@@ -290,13 +292,37 @@ def sample_responses(cfg, model: str, split: str, limit: int, samples: int, batc
             for p, (q, a, ts) in enumerate(zip(dataset["question"], dataset["answer"], texts, strict=True)) for t in ts]
 
 
+async def _judge_apart(teacher, requests: list[JudgeRequest]):
+    """Each request in a judge call of its own, concurrently: in group mode each is then a group of one."""
+    return [js[0] for js in await asyncio.gather(*(teacher.judge([r]) for r in requests))]
+
+
+def _batches(items: list[dict], indices: list[int]) -> list[list[int]]:
+    """INDICES in batches of about GRADE_CHUNK that never split one prompt's responses (a group would change)."""
+    batches: list[list[int]] = [[]]
+    for i in indices:
+        if len(batches[-1]) >= GRADE_CHUNK and items[i]["prompt_index"] != items[batches[-1][-1]]["prompt_index"]:
+            batches.append([])
+        batches[-1].append(i)
+    return [b for b in batches if b]
+
+
 def _grade(loop, teacher, cfg, rubric, items: list[dict]) -> list[dict]:
+    """Grade ITEMS. In group mode the master keys are graded apart, each a group of one: inside their question's
+    real group they would change its grades, and theirs would depend on the calibration's size."""
     requests = [JudgeRequest(it["question"], it["response"], it["ground_truth"]) for it in items]
-    judgements, start = [], time.perf_counter()
-    for first in range(0, len(requests), GRADE_CHUNK):
-        judgements += loop.run_until_complete(teacher.judge(requests[first:first + GRADE_CHUNK]))
-        logger.info("graded %d/%d responses (%.0f s)", len(judgements), len(requests),
-                    time.perf_counter() - start)
+    apart = [i for i, it in enumerate(items) if it["kind"] == "master_key"] if cfg.judge_mode == "group" else []
+    together = sorted(set(range(len(items))) - set(apart), key=lambda i: (items[i].get("prompt_index", 0), i))
+    judgements, done, start = [None] * len(items), 0, time.perf_counter()
+    for batch in _batches(items, together):
+        for i, j in zip(batch, loop.run_until_complete(teacher.judge([requests[i] for i in batch])), strict=True):
+            judgements[i] = j
+        done += len(batch)
+        logger.info("graded %d/%d responses (%.0f s)", done, len(items), time.perf_counter() - start)
+    if apart:
+        for i, j in zip(apart, loop.run_until_complete(_judge_apart(teacher, [requests[i] for i in apart])),
+                        strict=True):
+            judgements[i] = j
     rows = ev.grade_rows(cfg, rubric, judgements, [it["question"] for it in items], [it["response"] for it in items],
                          [it["ground_truth"] for it in items])
     criterion = answer_scale(rubric)[0]
