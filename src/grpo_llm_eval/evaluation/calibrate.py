@@ -5,16 +5,19 @@ plus a dozen "master key" responses, are graded by the configured teacher (evalu
 verifier. Measured (keys of DIR/calibration.json; every row is in DIR/calibration_rollouts.jsonl):
 
 - `answer_auc`: ROC AUC of the teacher's answer score (the `answer` criterion; the teacher's reward when the
-  rubric has none) against the verifier's answer check, with `answer_auc_ci` (95 %, bootstrap over prompts),
-  `n_right`, `n_wrong`; `reward_auc`, `reward_auc_ci`: the same for the teacher's total reward. 1 is a
+  rubric has none) against the verifier's answer check, with `answer_auc_ci` (95 %, bootstrap over prompts;
+  `answer_auc_ci_dropped` the share of resamples dropped for holding one class; no interval, with a reason,
+  below 5 responses of either class), `n_right`, `n_wrong`; `reward_auc`, `reward_auc_ci`: the same for the teacher's total reward. 1 is a
   perfect judge, 0.5 chance, 0 a judge that prefers wrong answers.
 - `length_bias`: Spearman correlation of the teacher's reward with response length (characters) within each
-  correctness class, averaged over the classes weighted by size: a judge that only tracks correctness scores
+  prompt and correctness class (ranks centred per prompt, so prompt difficulty does not count), averaged over
+  the classes weighted by size: a judge that only tracks correctness scores
   0, one that rewards length within a class scores towards 1.
 - `self_disagreement` (teacher_temperature > 0): the mean absolute difference between two grades of the same
   response's answer score, as a share of the scale. With `teacher_samples` > 1 it is read from the samples each
   grade already holds (the mean over every pair of them: for k = 2 the same number), with no extra calls;
-  otherwise each response is graded once more without the cache. Null at temperature 0, with a reason.
+  otherwise each response is graded once more without the cache and with another seed (`repeat_config`: the
+  same seed would draw the same grade again). Null at temperature 0, with a reason.
 - `position_flip_rate`: group judging with `group_judge_passes: 2` only: the share of groups whose ranking by
   teacher reward flipped when the order was reversed; null with a reason otherwise.
 - `master_key_pass_rate`: the share of master-key responses (no answer at all, from "One Token to Fool
@@ -34,8 +37,8 @@ import time
 from pathlib import Path
 
 from grpo_llm_eval import data as data_mod
+from grpo_llm_eval.evaluation import calibration_stats, stats
 from grpo_llm_eval.evaluation import evaluate as ev
-from grpo_llm_eval.evaluation import stats
 from grpo_llm_eval.teacher import build_teacher
 from grpo_llm_eval.teacher.grading.rubric import Rubric
 from grpo_llm_eval.teacher.types import JudgeRequest
@@ -80,7 +83,9 @@ def answer_score(row: dict, criterion: str | None) -> float | None:
 # ---- measuring ------------------------------------------------------------------------------------
 
 
-def _auc(rows: list[dict], value, seed: int) -> tuple[float | None, list | None, list[tuple[float, bool]]]:
+def _auc(rows: list[dict], value, seed: int) -> tuple[float | None, list | None, list[tuple[float, bool]], float | None,
+                                                 str | None]:
+    """(AUC, its interval, the pairs, share of resamples dropped, why there is no interval)."""
     pairs_by_prompt: dict[int, list[tuple[float, bool]]] = {}
     for r in rows:
         v = value(r)
@@ -88,24 +93,13 @@ def _auc(rows: list[dict], value, seed: int) -> tuple[float | None, list | None,
             pairs_by_prompt.setdefault(r["prompt_index"], []).append((v, bool(r["answer_correct"])))
     pairs = [p for ps in pairs_by_prompt.values() for p in ps]
     auc = stats.roc_auc([p[0] for p in pairs], [p[1] for p in pairs])
-    ci = stats.auc_bootstrap_ci(list(pairs_by_prompt.values()), seed=seed) if auc is not None else None
-    return auc, None if ci is None else list(ci), pairs
+    if auc is None:
+        return None, None, pairs, None, None
+    ci, dropped, why = calibration_stats.auc_interval(list(pairs_by_prompt.values()), seed=seed)
+    return auc, ci, pairs, dropped, why
 
 
-def length_bias(rows: list[dict]) -> tuple[float | None, dict]:
-    """Size-weighted mean of the within-class Spearman correlations of teacher reward with response length."""
-    by_class = {}
-    for name, label in (("right", True), ("wrong", False)):
-        pts = [(len(r["response"]), r["teacher_reward"]) for r in rows
-               if r.get("answer_correct") is label and r.get("teacher_reward") is not None]
-        rho = stats.spearman([p[0] for p in pts], [p[1] for p in pts])
-        if rho is None and len(pts) >= 3 and len({p[0] for p in pts}) > 1:
-            rho = 0.0  # lengths vary, the reward does not: it does not follow length at all
-        by_class[name] = {"rho": rho, "n": len(pts)}
-    used = [c for c in by_class.values() if c["rho"] is not None]
-    if not used:
-        return None, by_class
-    return sum(c["rho"] * c["n"] for c in used) / sum(c["n"] for c in used), by_class
+length_bias = calibration_stats.length_bias  # within each prompt (see calibration_stats.py)
 
 
 def measure(rows: list[dict], rubric, seed: int = 0, judge_mode: str = "pointwise") -> dict:
@@ -113,13 +107,14 @@ def measure(rows: list[dict], rubric, seed: int = 0, judge_mode: str = "pointwis
     criterion, low, high = answer_scale(rubric)
     samples = [r for r in rows if r["kind"] == "sample"]
     keys = [r for r in rows if r["kind"] == "master_key"]
-    auc, auc_ci, pairs = _auc(samples, lambda r: answer_score(r, criterion), seed)
-    reward_auc, reward_ci, _ = _auc(samples, lambda r: r.get("teacher_reward") if r.get("judge_status") == "ok"
-                                    else None, seed)
+    auc, auc_ci, pairs, dropped, no_ci = _auc(samples, lambda r: answer_score(r, criterion), seed)
+    reward_auc, reward_ci, _, reward_dropped, _ = _auc(
+        samples, lambda r: r.get("teacher_reward") if r.get("judge_status") == "ok" else None, seed)
     bias, bias_by_class = length_bias(samples)
     result = {
         "answer_auc": auc, "answer_auc_ci": auc_ci,
         "n_right": sum(1 for p in pairs if p[1]), "n_wrong": sum(1 for p in pairs if not p[1]),
+        "answer_auc_ci_dropped": dropped, "reward_auc_ci_dropped": reward_dropped,
         "reward_auc": reward_auc, "reward_auc_ci": reward_ci,
         "length_bias": bias, "length_bias_by_class": bias_by_class,
         "self_disagreement": None, "position_flip_rate": None,
@@ -134,6 +129,8 @@ def measure(rows: list[dict], rubric, seed: int = 0, judge_mode: str = "pointwis
         reasons["answer_auc"] = (f"the verifier found {result['n_right']} right and {result['n_wrong']} wrong "
                                  "graded responses; both are needed (raise --samples or --limit, or use a model "
                                  "that gets some answers right)")
+    if auc is not None and no_ci is not None:
+        reasons["answer_auc_ci"] = no_ci
     flips = {r["judge_group_id"]: r["position_flip"] for r in samples
              if r.get("position_flip") is not None and r.get("judge_group_id")}
     if flips:
@@ -230,7 +227,11 @@ def format_table(m: dict) -> str:
         return "" if not v else f" [{v[0]:.3f}, {v[1]:.3f}]"
 
     lines = [
-        ("answer_auc", num(m["answer_auc"]) + ci(m["answer_auc_ci"]) + f"  ({m['n_right']} right, {m['n_wrong']} wrong)"),
+        ("answer_auc", num(m["answer_auc"]) + ci(m["answer_auc_ci"]) + f"  ({m['n_right']} right, {m['n_wrong']} wrong"
+         + (f"; {m['answer_auc_ci_dropped']:.0%} of resamples held one class and were dropped"
+            if m.get("answer_auc_ci_dropped") else "")
+         + (f"; no interval: {m['null_reasons']['answer_auc_ci']}" if "answer_auc_ci" in m["null_reasons"] else "")
+         + ")"),
         ("reward_auc", num(m["reward_auc"]) + ci(m["reward_auc_ci"])),
         ("length_bias", num(m["length_bias"], "{:+.3f}")),
         ("self_disagreement", num(m["self_disagreement"])),
@@ -297,6 +298,18 @@ async def _judge_apart(teacher, requests: list[JudgeRequest]):
     return [js[0] for js in await asyncio.gather(*(teacher.judge([r]) for r in requests))]
 
 
+REPEAT_SEED_OFFSET = 1_000_003  # far from the seeds teacher_samples uses (seed + sample index)
+
+
+def repeat_config(cfg):
+    """CFG for the repeated grading of self_disagreement: another sampling seed, so that a seeded sampler (the
+    local backend) draws a second grade instead of the same one again. (In group mode the seed also shuffles the
+    order, so the repeat is shown in another order too.)"""
+    import dataclasses
+
+    return dataclasses.replace(cfg, seed=cfg.seed + REPEAT_SEED_OFFSET)
+
+
 def _batches(items: list[dict], indices: list[int]) -> list[list[int]]:
     """INDICES in batches of about GRADE_CHUNK that never split one prompt's responses (a group would change)."""
     batches: list[list[int]] = [[]]
@@ -355,7 +368,7 @@ def calibrate(cfg, output: str | Path, model: str | None = None, limit: int = 0,
     criterion = answer_scale(rubric)[0]
     teacher = build_teacher(cfg, rubric, cache_path=out / "judgements.sqlite")
     # teacher_samples > 1 grades each response several times already: its samples give self_disagreement.
-    repeat = (build_teacher(cfg, rubric, cache_path=None)
+    repeat = (build_teacher(repeat_config(cfg), rubric, cache_path=None)
               if cfg.teacher_temperature > 0 and cfg.teacher_samples == 1 else None)
     loop = asyncio.new_event_loop()  # one loop for every call: the teacher's client is bound to its loop
     try:
