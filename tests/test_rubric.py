@@ -176,25 +176,6 @@ class TestJsonSchema:
         assert answer["required"] == ["score", "explanation"]
         assert answer["additionalProperties"] is False
 
-    def test_the_explanation_bound_and_the_grade_size_are_one_estimate(self):
-        """Old code bounded explanations with an estimate of its own (25 tokens a criterion around them), which
-        disagreed with `grade_tokens`: at 60 to 85 tokens it said no explanation fits where the bare grade, at its
-        densest, left room for one."""
-        import math
-
-        from grpo_llm_eval.teacher.grading.rubric import CHARS_PER_TOKEN_DENSE
-
-        bare = SEED.most_grade_tokens(json_mode=True)
-        assert SEED.grade_tokens(json_mode=True)[1] <= bare  # the typical estimate is below the dense one
-        for max_tokens in range(bare - 5, 600):
-            chars = SEED.explanation_chars_within(max_tokens)
-            assert (chars == 0) == (max_tokens - bare < len(SEED.criteria) / CHARS_PER_TOKEN_DENSE), max_tokens
-            if chars == 0:
-                continue
-            # a grade whose explanations all reach the bound, at the dense rate, fits the limit
-            full = len(SEED.bare_grade(json_mode=True)) + len(SEED.criteria) * chars
-            assert math.ceil(full / CHARS_PER_TOKEN_DENSE) <= max_tokens + 1, max_tokens
-
     def test_compact_schema_is_flat_scores_and_one_bounded_explanation(self):
         schema = SEED.json_schema(max_explanation_chars=60, compact=True)
         assert list(schema["properties"]) == ["thought_process", "answer", "format", "explanation"]

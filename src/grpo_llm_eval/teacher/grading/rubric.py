@@ -40,12 +40,8 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PLACEHOLDER = re.compile(r"\{(question|student_response|ground_truth)\}")
 # Where a JSON object with keys starts (`{"`, spaces allowed): the only places parse.py tries to decode one.
 _JSON_OBJECT_START = re.compile(r'\{(?=\s*")')
-# One estimate of a grade's size in tokens, from its characters (measured with SmolLM2's tokenizer: grades take
-# 2.6 to 3.6 characters a token): MAX for the fewest tokens (a config is never refused for a grade that could
-# fit), TYPICAL for the usual, DENSE for the most (digits, punctuation and short words tokenize densely).
-CHARS_PER_TOKEN_MAX = 8
+CHARS_PER_TOKEN_MAX = 8  # a generous bound, so a config is never refused for a grade that could fit
 CHARS_PER_TOKEN_TYPICAL = 3
-CHARS_PER_TOKEN_DENSE = 2.5
 FENCE_TAGS = ("question", "student_response", "ground_truth", "evaluation", "score", "explanation")
 NO_GROUND_TRUTH = "(no ground truth given)"
 # Chat-control text of common template families, neutralised in fenced text whatever the teacher: `<|...|>`
@@ -289,15 +285,11 @@ class Rubric:
     def grade_tokens(self, json_mode: bool = False, compact: bool = False) -> tuple[int, int]:
         """(fewest tokens any tokenizer can write `bare_grade` in, about how many common ones use).
 
-        From characters (see CHARS_PER_TOKEN_*): no tokenizer packs this markup into more than
-        CHARS_PER_TOKEN_MAX. Explanations and thinking come on top.
+        Bounds from characters: measured with SmolLM2's tokenizer, grades take 2.6 to 3.6 characters a token;
+        no tokenizer packs this markup into more than CHARS_PER_TOKEN_MAX. Explanations and thinking come on top.
         """
         chars = len(self.bare_grade(json_mode, compact))
         return math.ceil(chars / CHARS_PER_TOKEN_MAX), math.ceil(chars / CHARS_PER_TOKEN_TYPICAL)
-
-    def most_grade_tokens(self, json_mode: bool = False, compact: bool = False) -> int:
-        """The most tokens a tokenizer is expected to write `bare_grade` in (the same estimate, its dense end)."""
-        return math.ceil(len(self.bare_grade(json_mode, compact)) / CHARS_PER_TOKEN_DENSE)
 
     # ---- structured output --------------------------------------------------------------------
 
@@ -338,11 +330,11 @@ class Rubric:
 
         For servers that enforce a schema with a grammar (``json_object`` with a ``schema``: llama.cpp): a small
         teacher otherwise writes explanations until the token limit cuts its grade, and a cut grade has no
-        scores. Estimated low, with `grade_tokens`' estimate at its dense end: the bare JSON grade's most tokens,
-        then CHARS_PER_TOKEN_DENSE characters a token of explanation. 0 when no explanation fits.
+        scores. Estimated low: about 25 tokens of JSON per criterion around the explanation, 2.5 characters a
+        token (digits, punctuation and short words tokenize densely). 0 when no explanation fits.
         """
         n = max(1, len(self.criteria))
-        return max(0, int((max_tokens - self.most_grade_tokens(json_mode=True)) * CHARS_PER_TOKEN_DENSE / n))
+        return max(0, int((max_tokens - 25 * n - 10) * 2.5 / n))
 
     def response_format(self) -> dict:
         """The OpenAI ``response_format`` argument for structured output."""
