@@ -147,6 +147,20 @@ class TestCachedTeacher:
         assert [j.cached for j in fresh] == [False, False] and [j.cached for j in again] == [True, True]
         assert [j.scores for j in again] == [j.scores for j in fresh] and again[0].latency_s == 0.0
 
+    def test_identical_requests_share_one_calls_usage(self, tmp_path):
+        """Old code gave each copy the whole call's usage, so rollouts.jsonl counted one call several times."""
+        same = JudgeRequest("6*7?", "<think>x</think> 42", "42")
+        requests = [same, JudgeRequest("6*7?", "41", "42"), same, same]
+        with TeacherServer() as srv:
+            teacher = self.make(srv, tmp_path / "c.db")
+            judgements = self.run(teacher, requests)
+            assert srv.stats()["chat_requests"] == 2
+        spent = teacher.usage.usage
+        summed = {name: sum(j.extra["usage"][name] for j in judgements) for name in ("calls", "prompt_tokens")}
+        assert summed["calls"] == pytest.approx(spent.calls) == 2
+        assert summed["prompt_tokens"] == pytest.approx(spent.prompt_tokens) and spent.prompt_tokens > 0
+        assert judgements[0].extra["usage"]["calls"] == pytest.approx(1 / 3)
+
     def test_a_re_pointed_run_asks_the_new_server(self, tmp_path):
         """Would have caught: the key had no server, so a run pointed at another teacher server replayed the
         first server's grades and never asked the second."""

@@ -13,7 +13,7 @@ import pytest
 from grpo_llm_eval.cli import main
 from grpo_llm_eval.config import SEED_EVALUATION_PROMPT
 from grpo_llm_eval.config.load import load_config
-from grpo_llm_eval.evaluation.calibrate import MASTER_KEYS, calibrate, measure, verdict
+from grpo_llm_eval.evaluation.calibrate import MASTER_KEYS, calibrate, format_table, measure, verdict
 from grpo_llm_eval.evaluation.report import build_report
 from grpo_llm_eval.teacher.grading.rubric import Rubric
 from grpo_llm_eval.testing.teacher_server import TeacherServer
@@ -122,6 +122,28 @@ class TestGroupMode:
         assert verdict({**honest, "position_flip_rate": biased["position_flip_rate"]}).startswith("POSITION BIAS:")
 
 
+class TestMasterKeysInGroupMode:
+    def test_master_keys_are_graded_apart_from_the_real_groups(self, responses, tmp_path):
+        """Old code appended the keys to their question's requests, so they were graded in group calls with that
+        question's samples (groups larger than the samples) or with each other: the grades, the AUC and
+        master_key_pass_rate changed with the calibration's size."""
+        from tests.test_group_judging import OrderRecordingServer
+
+        few = 3  # a small calibration: the old code's batch held every sample and key, so keys joined the groups
+        small = tmp_path / "small.jsonl"
+        small.write_text("".join(responses.read_text(encoding="utf-8").splitlines(keepends=True)[:few * SAMPLES]))
+        with OrderRecordingServer(mode="position_biased") as server:
+            cfg = load_config(None, [*teacher_overrides(server), "judge_mode=group", f"num_return_sequences={SAMPLES}"])
+            result = calibrate(cfg, tmp_path / "cal", responses=small)
+            shown = server.shown
+        samples = [call for call in shown if all("</think>" in r for r in call)]  # every sample has a think block
+        keys = [call for call in shown if call not in samples]
+        assert len(samples) == few and all(len(call) <= SAMPLES for call in samples)  # (duplicates shown once)
+        assert len(keys) == len(MASTER_KEYS) and all(len(call) == 1 for call in keys)
+        # alone, every key is the first response shown: this teacher gives it the top score
+        assert result["master_key_pass_rate"] == 1.0
+
+
 class TestMeasure:
     def test_self_disagreement_is_the_mean_repeat_difference_as_a_share_of_the_scale(self):
         rubric = Rubric.from_config(load_config(None, [f"evaluation_prompt={SEED_EVALUATION_PROMPT}"]))
@@ -131,6 +153,77 @@ class TestMeasure:
         m = measure(rows, rubric)
         assert m["self_disagreement"] == pytest.approx(0.1)  # (2 + 0 + 2 + 0) / 4 / 10
         assert m["master_key_pass_rate"] is None and "master_key_pass_rate" in m["null_reasons"]
+
+    @staticmethod
+    def _rubric():
+        return Rubric.from_config(load_config(None, [f"evaluation_prompt={SEED_EVALUATION_PROMPT}"]))
+
+    def test_length_bias_is_measured_within_each_prompt(self):
+        """Hard prompts get long answers and low grades, easy ones short answers and high grades, and within a
+        prompt the grade ignores length. Old code pooled every prompt of a class: it called that length bias."""
+        rows = [{"kind": "sample", "prompt_index": p, "response": "x" * (10 * (6 - p) + i), "judge_status": "ok",
+                 "answer_correct": False, "scores": {"answer": 0.0}, "teacher_reward": float(p)}
+                for p in range(6) for i in range(4)]
+        m = measure(rows, self._rubric())
+        assert m["length_bias"] == 0.0
+        assert m["length_bias_by_class"]["wrong"] == {"rho": 0.0, "n": 24, "prompts": 6}
+        # a teacher that does follow length within a prompt is still caught
+        for r in rows:
+            r["teacher_reward"] = float(len(r["response"]) % 10)
+        assert measure(rows, self._rubric())["length_bias"] == pytest.approx(1.0)
+
+    @staticmethod
+    def _auc_rows(right_at: list[int], prompts: int = 40, per_prompt: int = 5) -> list[dict]:
+        """PROMPTS x PER_PROMPT graded responses; those at RIGHT_AT (flat indices) right, graded a little higher."""
+        rows = []
+        for i in range(prompts * per_prompt):
+            right = i in right_at
+            rows.append({"kind": "sample", "prompt_index": i // per_prompt, "response": "7", "judge_status": "ok",
+                         "answer_correct": right, "scores": {"answer": (6.0 if right else 4.0) + (i % 3)},
+                         "teacher_reward": 1.0})
+        return rows
+
+    def test_no_auc_interval_below_the_minimum_per_class(self):
+        """Old code gave an interval from 1 right answer in 40 prompts (from the resamples that happened to hold it)."""
+        m = measure(self._auc_rows([7]), self._rubric())
+        assert m["answer_auc"] is not None and m["answer_auc_ci"] is None
+        assert "at least 5 of each" in m["null_reasons"]["answer_auc_ci"] and "no interval" in format_table(m)
+
+    def test_the_auc_interval_says_how_many_resamples_it_dropped(self):
+        """Five right answers, all in one of 40 prompts: about (39/40)^40 = 36 % of resamples miss that prompt."""
+        m = measure(self._auc_rows([0, 1, 2, 3, 4]), self._rubric())
+        assert m["answer_auc_ci"] is not None
+        assert m["answer_auc_ci_dropped"] == pytest.approx((39 / 40) ** 40, abs=0.04)
+        assert "of resamples held one class and were dropped" in format_table(m)
+        assert measure(self._auc_rows(list(range(0, 200, 9))), self._rubric())["answer_auc_ci_dropped"] == 0.0
+
+
+class TestRepeatedGrade:
+    def test_the_repeat_of_a_sampled_grade_is_a_second_draw(self):
+        """Old code graded the repeat with the run's seed: the local backend drew the very same grade, so
+        self_disagreement measured one draw twice (0 whatever the teacher's variance)."""
+        import asyncio
+
+        from grpo_llm_eval.evaluation.calibrate import repeat_config
+        from grpo_llm_eval.teacher.backends.local_backend import LocalTeacher
+        from grpo_llm_eval.teacher.types import JudgeRequest
+
+        cfg = load_config(None, ["teacher_logprob_scores=false", "teacher_temperature=1.0",
+                                 "max_feedback_new_tokens=48"])
+        request = JudgeRequest("What is 2 + 2?", "<think>2 and 2</think> The answer is 4", "4")
+
+        def raw(config) -> str:
+            async def go():
+                teacher = LocalTeacher(config, Rubric.from_config(config), n_threads=1)
+                try:
+                    return (await teacher.judge([request]))[0].raw
+                finally:
+                    await teacher.aclose()
+            return asyncio.run(go())
+
+        first = raw(cfg)
+        assert raw(cfg) == first  # (control) the same seed draws the same grade
+        assert raw(repeat_config(cfg)) != first
 
 
 class TestCommandEndToEnd:

@@ -67,6 +67,7 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 
 class Accelerator:  # one process: what save_final asks of accelerate's
     is_main_process = True
+    num_processes = 1
     def wait_for_everyone(self):
         pass
 

@@ -50,6 +50,14 @@ class TestJudgeAheadIsExactOrRefused:
         cfg = validate({"lora": {"enabled": True, "dropout": 0.05}, "trl": {"use_vllm": True}})
         assert cfg.lora.dropout == 0.05
 
+    def test_vllm_without_its_importance_sampling_correction_is_refused(self):
+        """Old code accepted it: with vLLM, TRL recomputes the old log-probs under the current weights (ratio 1), so
+        a lagged batch trained with no off-policy correction at all."""
+        [p] = problems_of({"trl": {"use_vllm": True, "vllm_importance_sampling_correction": False}})
+        assert p.startswith("trl.vllm_importance_sampling_correction: false") and "judge_ahead_steps: 0" in p
+        assert validate({"judge_ahead_steps": 1, "trl": {"use_vllm": True}})  # TRL's default correction: fine
+        assert validate({"judge_ahead_steps": 0, "trl": {"use_vllm": True, "vllm_importance_sampling_correction": False}})
+
     @pytest.mark.parametrize("data", [{"judge_ahead_steps": 0}, {"judge_ahead_steps": "auto"}, {},
                                       {"teacher_weight": 0.0, "verifier_answer_weight": 1.0}])
     def test_without_a_fixed_lag_every_combination_is_allowed(self, data):
@@ -152,6 +160,17 @@ class TestTrainerRefusesWhatConfigWouldHave:
         message = str(info.value)
         assert "num_iterations is 2" in message and "steps_per_generation (2)" in message
         assert "dropout (p = 0.1)" in message and "judge_ahead_steps: 0" in message
+
+    def test_vllm_without_its_correction_is_named(self, tmp_path, tiny_model):
+        from transformers import AutoModelForCausalLM
+
+        from grpo_llm_eval.training import judge_ahead
+
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+        with pytest.raises(ValueError, match="vllm_importance_sampling_correction false"):
+            judge_ahead.check_exact(self._args(tmp_path, use_vllm=True, vllm_importance_sampling_correction=False),
+                                    model)
+        judge_ahead.check_exact(self._args(tmp_path, use_vllm=True), model)
 
     def test_plain_settings_pass(self, tmp_path, tiny_model):
         from transformers import AutoModelForCausalLM

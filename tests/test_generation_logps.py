@@ -77,3 +77,30 @@ def test_the_hook_is_removed_after_generation(tiny_model, tmp_path):
     with generation_logps.recording(trainer):
         assert len(model._forward_hooks) == before + 1
     assert len(model._forward_hooks) == before
+
+
+def test_a_hook_that_never_fired_is_a_fallback_with_a_reason(tiny_model, tmp_path, caplog):
+    """Old code returned None with no problem set, so the trainer logged "recorded from generation" while it
+    ran the forward pass (here the batch comes back from the replay slot: no generation, no forward)."""
+    trainer, prompts = build(tiny_model, tmp_path)
+    generated = trainer._generate(prompts)
+    trainer._replay = generated
+    try:
+        with generation_logps.recording(trainer) as recorder:
+            trainer._generate(prompts)
+    finally:
+        trainer._replay = None
+    assert recorder.result(generated[1], judge_ahead.padded_width(generated[1], None)) is None
+    assert "never fired" in recorder.problem
+    with caplog.at_level("INFO", logger="grpo_llm_eval.training.trainer"):
+        trainer._log_logps_source(generation_logps.agree_fallback(trainer.accelerator, recorder.problem))
+    assert "recorded from a forward pass (the forward hook never fired" in caplog.text
+    assert "recorded from generation" not in caplog.text
+
+
+def test_mean_abs_difference_counts_completion_tokens_only(tiny_model, tmp_path):
+    trainer, prompts = build(tiny_model, tmp_path)
+    generated, recorded, forward = recorded_and_forward(trainer, prompts)
+    assert generation_logps.mean_abs_difference(recorded, forward, generated[1]) < 1e-4
+    shifted = recorded.clone() + 0.5  # padding shifted too: it must not count
+    assert generation_logps.mean_abs_difference(shifted, forward, generated[1]) == pytest.approx(0.5, abs=1e-4)

@@ -229,3 +229,32 @@ class TestGroupTraining:
         assert "judge/position_flip_rate" in metrics[0]
         assert any(m.get("sft_tokens", 0) > 0 for m in metrics), "group feedback should give SFT examples"
         assert all(r["feedback"].startswith("thought_process (") for r in rows)
+
+
+class OrderRecordingServer(TeacherServer):
+    """The test server, keeping the responses each group call showed, in presentation order."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.shown: list[list[str]] = []
+
+    def completion(self, body, fault, number=0):
+        from grpo_llm_eval.testing.group_grades import responses_in
+
+        text = "\n".join(str(m.get("content")) for m in body.get("messages", []))
+        with self._lock:
+            self.shown.append([response for _, response in responses_in(text)])
+        return super().completion(body, fault, number)
+
+
+class TestRetriedPasses:
+    def test_a_mismatch_in_one_pass_re_sends_both_as_an_order_and_its_reverse(self):
+        """Old code re-sent only the mismatched pass in a fresh shuffle, so the pair compared two random orders."""
+        with OrderRecordingServer(mode="group_wrong_count", switch_mode=(1, "scripted")) as server:
+            judgements = judge_once(make_teacher(server.base_url, group_judge_passes=2),
+                                    group_of(["4", "5", "6", "7", "8"]))
+            shown = server.shown
+        assert len(shown) == 4, shown  # two passes, then both again
+        assert shown[0] == shown[1][::-1]
+        assert shown[2] == shown[3][::-1] and shown[2] not in (shown[0], shown[1])
+        assert all(j.ok for j in judgements) and all(j.extra["position_flip"] is False for j in judgements)

@@ -139,3 +139,44 @@ class TestPipelinedRun:
         steps = [m for m in read_jsonl(result.run_dir / "metrics.jsonl") if "time/step_s" in m]
         assert all(m["time/judge_overlap_s"] == pytest.approx(0.0, abs=0.05) for m in steps)
         assert all("time/old_logps_s" not in m for m in steps)
+
+
+class TestBackgroundJudgingOfIdenticalBatches:
+    def test_two_identical_batches_each_use_their_own_call(self):
+        """Old code keyed the background futures by the batch's (question, text) tuples: the second identical
+        batch replaced the first's future, whose paid calls were never used, and the second scoring graded again."""
+        import asyncio
+        import threading
+
+        from grpo_llm_eval.rewards import TeacherRubricReward
+        from grpo_llm_eval.teacher.backends.openai_backend import OpenAITeacher
+        from grpo_llm_eval.teacher.grading.rubric import Rubric
+
+        prompts = [[{"role": "user", "content": "What is 2 + 2?"}]] * 2
+        completions = [[{"role": "assistant", "content": "<think>x</think> 4"}],
+                       [{"role": "assistant", "content": "<think>y</think> 5"}]]
+        rows = [{"question": "What is 2 + 2?", "answer": "4"}] * 2
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+        with TeacherServer(mode="scripted") as server:
+            cfg = load_config(None, ["teacher_backend=openai", "teacher_model_name=teacher", "teacher_cache=false",
+                                     f"openai_base_url={server.base_url}", "teacher_max_retries=0",
+                                     "max_feedback_new_tokens=512", "teacher_logprob_scores=false"])
+            rubric = Rubric.from_config(cfg)
+            teacher = OpenAITeacher(cfg, rubric)
+            reward = TeacherRubricReward(cfg, rubric, teacher)
+            try:
+                for _ in range(2):  # sampled twice, identical (a collapsed policy), judged ahead
+                    reward.judge_in_background(loop, prompts, completions, rows)
+                for _ in range(2):  # scored in turn
+                    scored = asyncio.run_coroutine_threadsafe(
+                        reward(prompts, completions, answer=["4", "4"], question=["What is 2 + 2?"] * 2), loop)
+                    assert len(scored.result(timeout=60)) == 2
+                requests = server.stats()["chat_requests"]
+            finally:
+                asyncio.run_coroutine_threadsafe(teacher.aclose(), loop).result(timeout=30)
+                loop.call_soon_threadsafe(loop.stop)
+                thread.join(timeout=10)
+        assert requests == 4  # two batches of two, each graded once
+        assert not reward._ahead

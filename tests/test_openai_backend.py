@@ -158,6 +158,9 @@ class TestFaults:
         statuses = [j.status for j in judgements]
         assert teacher.stats["retries"] == sum(len(t) - 1 for t in attempts) > 0
         assert teacher.stats["failures"] == {s: statuses.count(s) for s in set(statuses) - {"ok"}}
+        # tokens are counted once, by the usage meter; old code kept a second count in stats (issue 26 item 10)
+        assert not {"prompt_tokens", "completion_tokens"} & set(teacher.stats)
+        assert teacher.usage.usage.prompt_tokens > 0
         waits = [b["t"] - a["t_done"] for t in attempts for a, b in itertools.pairwise(t) if a["fault"] == "429"]
         assert waits and min(waits) >= 1.0  # Retry-After: 1 honoured
 

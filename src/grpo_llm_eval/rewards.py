@@ -8,6 +8,7 @@ completions of one group incomparable. Here a failed grade masks the whole compl
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import statistics
@@ -58,7 +59,9 @@ class TeacherRubricReward:
         self.recorder = recorder
         self.last_judge_wall_s = 0.0  # judging time of the last scored batch, start to finish
         self.last_judge_wait_s = 0.0  # the part of it the trainer waited for (the rest overlapped other work)
-        self._ahead: dict[tuple, concurrent.futures.Future] = {}
+        # Judging started ahead, per batch content, oldest first: two batches of identical (question, text) tuples
+        # (a collapsed policy) each keep their own paid call, scored in the order they were sampled.
+        self._ahead: dict[tuple, collections.deque[concurrent.futures.Future]] = {}
 
     @staticmethod
     def _columns(prompts, completions, answer, question, rubric=None):
@@ -78,17 +81,23 @@ class TeacherRubricReward:
         rubric = [r.get("rubric") for r in rows] if rows and "rubric" in rows[0] else None
         questions, texts, truths, items = self._columns(prompts, completions, answer, question, rubric)
         key = tuple(zip(questions, texts, strict=True))
-        self._ahead[key] = asyncio.run_coroutine_threadsafe(self._judge(questions, texts, truths, items), loop)
+        future = asyncio.run_coroutine_threadsafe(self._judge(questions, texts, truths, items), loop)
+        self._ahead.setdefault(key, collections.deque()).append(future)
 
     def cancel_background(self) -> None:
         """Drop judging started for batches that will not be scored (the run stopped early)."""
-        for future in self._ahead.values():
-            future.cancel()
+        for futures in self._ahead.values():
+            for future in futures:
+                future.cancel()
         self._ahead.clear()
 
     async def __call__(self, prompts, completions, answer=None, question=None, rubric=None, log_metric=None, **_):
         questions, texts, truths, items = self._columns(prompts, completions, answer, question, rubric)
-        started = self._ahead.pop(tuple(zip(questions, texts, strict=True)), None)
+        key = tuple(zip(questions, texts, strict=True))
+        queued = self._ahead.get(key)
+        started = queued.popleft() if queued else None
+        if queued is not None and not queued:
+            del self._ahead[key]
         wait_from = time.perf_counter()
         if started is not None:
             judgements, self.last_judge_wall_s = await asyncio.wrap_future(started)

@@ -251,6 +251,12 @@ def _check_judge_ahead(cfg: Config, problems: list[str]) -> None:
             f"trl.generation_batch_size: {cfg.trl['generation_batch_size']!r} with judge_ahead_steps: "
             f"{cfg.judge_ahead_steps}: judging ahead needs one generation batch per update; drop the key "
             f"(prompts_per_step and accumulation_steps size the batch), {fix}.")
+    if cfg.trl.get("use_vllm", False) and not cfg.trl.get("vllm_importance_sampling_correction", True):
+        problems.append(
+            f"trl.vllm_importance_sampling_correction: false with trl.use_vllm and judge_ahead_steps: "
+            f"{cfg.judge_ahead_steps}: with vLLM rollouts TRL recomputes the old log-probs under the current weights, "
+            "so its importance-sampling weight is the only correction for the lag, and a lagged batch would train "
+            f"with none; drop the key (true is TRL's default), {fix}.")
     if cfg.lora.enabled and cfg.lora.dropout > 0 and not cfg.trl.get("use_vllm", False):
         problems.append(
             f"lora.dropout: {cfg.lora.dropout!r} with judge_ahead_steps: {cfg.judge_ahead_steps}: the log-probs kept "

@@ -5,21 +5,26 @@ plus a dozen "master key" responses, are graded by the configured teacher (evalu
 verifier. Measured (keys of DIR/calibration.json; every row is in DIR/calibration_rollouts.jsonl):
 
 - `answer_auc`: ROC AUC of the teacher's answer score (the `answer` criterion; the teacher's reward when the
-  rubric has none) against the verifier's answer check, with `answer_auc_ci` (95 %, bootstrap over prompts),
-  `n_right`, `n_wrong`; `reward_auc`, `reward_auc_ci`: the same for the teacher's total reward. 1 is a
+  rubric has none) against the verifier's answer check, with `answer_auc_ci` (95 %, bootstrap over prompts;
+  `answer_auc_ci_dropped` the share of resamples dropped for holding one class; no interval, with a reason,
+  below 5 responses of either class), `n_right`, `n_wrong`; `reward_auc`, `reward_auc_ci`: the same for the teacher's total reward. 1 is a
   perfect judge, 0.5 chance, 0 a judge that prefers wrong answers.
 - `length_bias`: Spearman correlation of the teacher's reward with response length (characters) within each
-  correctness class, averaged over the classes weighted by size: a judge that only tracks correctness scores
+  prompt and correctness class (ranks centred per prompt, so prompt difficulty does not count), averaged over
+  the classes weighted by size: a judge that only tracks correctness scores
   0, one that rewards length within a class scores towards 1.
 - `self_disagreement` (teacher_temperature > 0): the mean absolute difference between two grades of the same
   response's answer score, as a share of the scale. With `teacher_samples` > 1 it is read from the samples each
   grade already holds (the mean over every pair of them: for k = 2 the same number), with no extra calls;
-  otherwise each response is graded once more without the cache. Null at temperature 0, with a reason.
+  otherwise each response is graded once more without the cache and with another seed (`repeat_config`: the
+  same seed would draw the same grade again). Null at temperature 0, with a reason.
 - `position_flip_rate`: group judging with `group_judge_passes: 2` only: the share of groups whose ranking by
   teacher reward flipped when the order was reversed; null with a reason otherwise.
 - `master_key_pass_rate`: the share of master-key responses (no answer at all, from "One Token to Fool
   LLM-as-a-Judge", arXiv 2507.08794) whose answer score is above the middle of the answer scale (on an example's
   own rubric: graded met on an item whose programmatic check fails, or scored above 0.5 where no item has one).
+  Each master key is graded in group mode as a group of one, apart from the sampled responses, so neither its
+  grade nor theirs depends on how many samples or keys the calibration holds.
 - `item_auc` (examples with their own rubrics): per constraint type, the ROC AUC of the teacher's item score
   against the item's programmatic check, with its interval, counts and both pass rates (`items.item_auc`).
 - `verdict`: one line naming the worst finding.
@@ -36,9 +41,15 @@ from pathlib import Path
 
 from grpo_llm_eval import data as data_mod
 from grpo_llm_eval.data.rubrics import from_json, rows_items, to_json
+from grpo_llm_eval.evaluation import calibration_stats, stats
 from grpo_llm_eval.evaluation import evaluate as ev
-from grpo_llm_eval.evaluation import stats
-from grpo_llm_eval.evaluation.items import item_auc, item_auc_lines
+from grpo_llm_eval.evaluation.calibration_verdict import (  # noqa: F401 (re-exported: the CLI and tests use them)
+    CHANCE_AUC,
+    ROLLOUTS_FILE,
+    format_table,
+    verdict,
+)
+from grpo_llm_eval.evaluation.items import item_auc
 from grpo_llm_eval.teacher import build_teacher
 from grpo_llm_eval.teacher.grading.rubric import Rubric
 from grpo_llm_eval.teacher.types import JudgeRequest
@@ -47,16 +58,10 @@ from grpo_llm_eval.training.records import JsonlWriter, dumps, read_jsonl
 logger = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "calibration.json"
-ROLLOUTS_FILE = "calibration_rollouts.jsonl"
 # Responses with no answer that strong judges were shown to accept: the "master keys" of arXiv 2507.08794
 # (non-word symbols, reasoning openers, the same in other languages), plus two openers of our own.
 MASTER_KEYS = (" ", ".", ",", ":", "Thought process:", "Let's solve this problem step by step.", "Solution",
                "解", "かいせつ", "Respuesta", "Let's solve this step by step.", "The answer is")
-LENGTH_BIAS_FLAG = 0.3  # |within-class rank correlation| above this is reported as length bias
-CHANCE_AUC = 0.6  # an answer AUC below this is "near chance" (the monitors' default monitor_min_auc too)
-DISAGREEMENT_FLAG = 0.1  # repeated grades differing by more than a tenth of the scale on average
-# Share of groups whose ranking reverses with the order above which a group judge is called position-biased.
-POSITION_FLIP_FLAG = 0.2
 GRADE_CHUNK = 64  # responses per teacher batch: a progress line each (a local teacher grades about 3 a second)
 
 
@@ -85,7 +90,9 @@ def answer_score(row: dict, criterion: str | None) -> float | None:
 # ---- measuring ------------------------------------------------------------------------------------
 
 
-def _auc(rows: list[dict], value, seed: int) -> tuple[float | None, list | None, list[tuple[float, bool]]]:
+def _auc(rows: list[dict], value, seed: int) -> tuple[float | None, list | None, list[tuple[float, bool]], float | None,
+                                                 str | None]:
+    """(AUC, its interval, the pairs, share of resamples dropped, why there is no interval)."""
     pairs_by_prompt: dict[int, list[tuple[float, bool]]] = {}
     for r in rows:
         v = value(r)
@@ -93,24 +100,13 @@ def _auc(rows: list[dict], value, seed: int) -> tuple[float | None, list | None,
             pairs_by_prompt.setdefault(r["prompt_index"], []).append((v, bool(r["answer_correct"])))
     pairs = [p for ps in pairs_by_prompt.values() for p in ps]
     auc = stats.roc_auc([p[0] for p in pairs], [p[1] for p in pairs])
-    ci = stats.auc_bootstrap_ci(list(pairs_by_prompt.values()), seed=seed) if auc is not None else None
-    return auc, None if ci is None else list(ci), pairs
+    if auc is None:
+        return None, None, pairs, None, None
+    ci, dropped, why = calibration_stats.auc_interval(list(pairs_by_prompt.values()), seed=seed)
+    return auc, ci, pairs, dropped, why
 
 
-def length_bias(rows: list[dict]) -> tuple[float | None, dict]:
-    """Size-weighted mean of the within-class Spearman correlations of teacher reward with response length."""
-    by_class = {}
-    for name, label in (("right", True), ("wrong", False)):
-        pts = [(len(r["response"]), r["teacher_reward"]) for r in rows
-               if r.get("answer_correct") is label and r.get("teacher_reward") is not None]
-        rho = stats.spearman([p[0] for p in pts], [p[1] for p in pts])
-        if rho is None and len(pts) >= 3 and len({p[0] for p in pts}) > 1:
-            rho = 0.0  # lengths vary, the reward does not: it does not follow length at all
-        by_class[name] = {"rho": rho, "n": len(pts)}
-    used = [c for c in by_class.values() if c["rho"] is not None]
-    if not used:
-        return None, by_class
-    return sum(c["rho"] * c["n"] for c in used) / sum(c["n"] for c in used), by_class
+length_bias = calibration_stats.length_bias  # within each prompt (see calibration_stats.py)
 
 
 def measure(rows: list[dict], rubric, seed: int = 0, judge_mode: str = "pointwise") -> dict:
@@ -118,13 +114,14 @@ def measure(rows: list[dict], rubric, seed: int = 0, judge_mode: str = "pointwis
     criterion, low, high = answer_scale(rubric)
     samples = [r for r in rows if r["kind"] == "sample"]
     keys = [r for r in rows if r["kind"] == "master_key"]
-    auc, auc_ci, pairs = _auc(samples, lambda r: answer_score(r, criterion), seed)
-    reward_auc, reward_ci, _ = _auc(samples, lambda r: r.get("teacher_reward") if r.get("judge_status") == "ok"
-                                    else None, seed)
+    auc, auc_ci, pairs, dropped, no_ci = _auc(samples, lambda r: answer_score(r, criterion), seed)
+    reward_auc, reward_ci, _, reward_dropped, _ = _auc(
+        samples, lambda r: r.get("teacher_reward") if r.get("judge_status") == "ok" else None, seed)
     bias, bias_by_class = length_bias(samples)
     result = {
         "answer_auc": auc, "answer_auc_ci": auc_ci,
         "n_right": sum(1 for p in pairs if p[1]), "n_wrong": sum(1 for p in pairs if not p[1]),
+        "answer_auc_ci_dropped": dropped, "reward_auc_ci_dropped": reward_dropped,
         "reward_auc": reward_auc, "reward_auc_ci": reward_ci,
         "length_bias": bias, "length_bias_by_class": bias_by_class,
         "self_disagreement": None, "position_flip_rate": None,
@@ -142,6 +139,8 @@ def measure(rows: list[dict], rubric, seed: int = 0, judge_mode: str = "pointwis
         reasons["answer_auc"] = (f"the verifier found {result['n_right']} right and {result['n_wrong']} wrong "
                                  "graded responses; both are needed (raise --samples or --limit, or use a model "
                                  "that gets some answers right)")
+    if auc is not None and no_ci is not None:
+        reasons["answer_auc_ci"] = no_ci
     flips = {r["judge_group_id"]: r["position_flip"] for r in samples
              if r.get("position_flip") is not None and r.get("judge_group_id")}
     if flips:
@@ -206,75 +205,6 @@ def _midrange(values) -> float | None:
     return (min(vals) + max(vals)) / 2 if vals else None
 
 
-def verdict(m: dict) -> str:
-    """One line naming the worst finding (or saying the teacher passed every check)."""
-    auc, ci = m["answer_auc"], m["answer_auc_ci"]
-    auc_text = "n/a" if auc is None else f"{auc:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
-    findings = []  # (severity, text)
-    if auc is not None and ci is not None and ci[1] < 0.5:
-        findings.append((5, f"INVERTED: the teacher prefers wrong answers (answer AUC {auc_text}); do not train on it"))
-    elif auc is not None and auc < CHANCE_AUC:
-        findings.append((4, f"NEAR CHANCE: the teacher's answer score barely tells right from wrong (answer AUC "
-                            f"{auc_text}); weigh it low beside a verifier"))
-    if m["master_key_pass_rate"]:
-        findings.append((3, f"MASTER KEYS PASS: {len(m['master_keys_passed'])} of "
-                            f"{round(len(m['master_keys_passed']) / m['master_key_pass_rate'])} answerless responses "
-                            f"get an answer score above the midpoint (e.g. {m['master_keys_passed'][0]!r})"))
-    if m["length_bias"] is not None and abs(m["length_bias"]) > LENGTH_BIAS_FLAG:
-        findings.append((2, f"LENGTH BIAS: within a correctness class the teacher's reward follows length "
-                            f"(rank correlation {m['length_bias']:+.2f})"))
-    if m.get("position_flip_rate") is not None and m["position_flip_rate"] > POSITION_FLIP_FLAG:
-        findings.append((2, f"POSITION BIAS: {m['position_flip_rate']:.0%} of groups change their ranking when the "
-                            "order of the responses is reversed"))
-    if m["self_disagreement"] is not None and m["self_disagreement"] > DISAGREEMENT_FLAG:
-        findings.append((1, f"INCONSISTENT: repeated grades differ by {m['self_disagreement']:.0%} of the scale"))
-    failed = m.get("judge_failure_rate") or 0.0
-    if failed >= 0.5:
-        findings.append((6, f"JUDGE FAILS: {failed:.0%} of grades could not be read (judge_status in "
-                            f"{ROLLOUTS_FILE}); fix the teacher setup (max_feedback_new_tokens, structured output) first"))
-    elif failed > 0.1:
-        findings.append((1, f"UNRELIABLE: {failed:.0%} of grades failed (masked in training)"))
-    items = m.get("item_auc") or {}
-    weak = [f"{k} {e['auc']:.2f}" for k, e in items.items() if e["auc"] is not None and e["auc"] < CHANCE_AUC]
-    if weak:
-        findings.append((4, f"NEAR CHANCE ON ITEMS: the teacher's item grades barely follow the checks for "
-                            f"{', '.join(weak)} (item AUC); weigh them low or use verifier_checklist_weight"))
-    if auc is None and not items:
-        findings.append((0, f"UNMEASURED: {m['null_reasons']['answer_auc']}"))
-    if not findings and auc is None:
-        return "OK: the teacher's item grades follow the programmatic checks (item AUC >= " \
-               f"{CHANCE_AUC} for every constraint type); no master key passed"
-    if not findings:
-        return f"OK: the teacher tracks the verifier (answer AUC {auc_text}); no master key passed, no length bias"
-    return max(findings, key=lambda f: f[0])[1]
-
-
-def format_table(m: dict) -> str:
-    """calibration.json as a plain-text table (the command prints it)."""
-    def num(v, fmt="{:.3f}"):
-        return "null" if v is None else fmt.format(v)
-
-    def ci(v):
-        return "" if not v else f" [{v[0]:.3f}, {v[1]:.3f}]"
-
-    lines = [
-        ("answer_auc", num(m["answer_auc"]) + ci(m["answer_auc_ci"]) + f"  ({m['n_right']} right, {m['n_wrong']} wrong)"),
-        ("reward_auc", num(m["reward_auc"]) + ci(m["reward_auc_ci"])),
-        ("length_bias", num(m["length_bias"], "{:+.3f}")),
-        ("self_disagreement", num(m["self_disagreement"])),
-        ("position_flip_rate", num(m["position_flip_rate"])),
-        ("master_key_pass_rate", num(m["master_key_pass_rate"])),
-        ("judge_failure_rate", num(m["judge_failure_rate"])),
-    ]
-    width = max(len(k) for k, _ in lines)
-    out = [f"{k.ljust(width)}  {v}" + (f"  ({m['null_reasons'][k]})" if k in m["null_reasons"] else "")
-           for k, v in lines]
-    if m.get("item_auc"):
-        out += ["item_auc (teacher's item score against the programmatic check, per constraint type):",
-                *item_auc_lines(m["item_auc"])]
-    return "\n".join([*out, f"verdict: {m['verdict']}"])
-
-
 # ---- the command ----------------------------------------------------------------------------------
 
 
@@ -329,14 +259,50 @@ def sample_responses(cfg, model: str, split: str, limit: int, samples: int, batc
             for t in ts]
 
 
+async def _judge_apart(teacher, requests: list[JudgeRequest]):
+    """Each request in a judge call of its own, concurrently: in group mode each is then a group of one."""
+    return [js[0] for js in await asyncio.gather(*(teacher.judge([r]) for r in requests))]
+
+
+REPEAT_SEED_OFFSET = 1_000_003  # far from the seeds teacher_samples uses (seed + sample index)
+
+
+def repeat_config(cfg):
+    """CFG for the repeated grading of self_disagreement: another sampling seed, so that a seeded sampler (the
+    local backend) draws a second grade instead of the same one again. (In group mode the seed also shuffles the
+    order, so the repeat is shown in another order too.)"""
+    import dataclasses
+
+    return dataclasses.replace(cfg, seed=cfg.seed + REPEAT_SEED_OFFSET)
+
+
+def _batches(items: list[dict], indices: list[int]) -> list[list[int]]:
+    """INDICES in batches of about GRADE_CHUNK that never split one prompt's responses (a group would change)."""
+    batches: list[list[int]] = [[]]
+    for i in indices:
+        if len(batches[-1]) >= GRADE_CHUNK and items[i]["prompt_index"] != items[batches[-1][-1]]["prompt_index"]:
+            batches.append([])
+        batches[-1].append(i)
+    return [b for b in batches if b]
+
+
 def _grade(loop, teacher, cfg, rubric, items: list[dict]) -> list[dict]:
+    """Grade ITEMS. In group mode the master keys are graded apart, each a group of one: inside their question's
+    real group they would change its grades, and theirs would depend on the calibration's size."""
     requests = [JudgeRequest(it["question"], it["response"], it["ground_truth"], rubric=from_json(it.get("rubric")))
                 for it in items]
-    judgements, start = [], time.perf_counter()
-    for first in range(0, len(requests), GRADE_CHUNK):
-        judgements += loop.run_until_complete(teacher.judge(requests[first:first + GRADE_CHUNK]))
-        logger.info("graded %d/%d responses (%.0f s)", len(judgements), len(requests),
-                    time.perf_counter() - start)
+    apart = [i for i, it in enumerate(items) if it["kind"] == "master_key"] if cfg.judge_mode == "group" else []
+    together = sorted(set(range(len(items))) - set(apart), key=lambda i: (items[i].get("prompt_index", 0), i))
+    judgements, done, start = [None] * len(items), 0, time.perf_counter()
+    for batch in _batches(items, together):
+        for i, j in zip(batch, loop.run_until_complete(teacher.judge([requests[i] for i in batch])), strict=True):
+            judgements[i] = j
+        done += len(batch)
+        logger.info("graded %d/%d responses (%.0f s)", done, len(items), time.perf_counter() - start)
+    if apart:
+        for i, j in zip(apart, loop.run_until_complete(_judge_apart(teacher, [requests[i] for i in apart])),
+                        strict=True):
+            judgements[i] = j
     rows = ev.grade_rows(cfg, rubric, judgements, [it["question"] for it in items], [it["response"] for it in items],
                          [it["ground_truth"] for it in items], [r.rubric for r in requests])
     criterion = answer_scale(rubric)[0]
@@ -371,7 +337,7 @@ def calibrate(cfg, output: str | Path, model: str | None = None, limit: int = 0,
     criterion = answer_scale(rubric)[0]
     teacher = build_teacher(cfg, rubric, cache_path=out / "judgements.sqlite")
     # teacher_samples > 1 grades each response several times already: its samples give self_disagreement.
-    repeat = (build_teacher(cfg, rubric, cache_path=None)
+    repeat = (build_teacher(repeat_config(cfg), rubric, cache_path=None)
               if cfg.teacher_temperature > 0 and cfg.teacher_samples == 1 else None)
     loop = asyncio.new_event_loop()  # one loop for every call: the teacher's client is bound to its loop
     try:

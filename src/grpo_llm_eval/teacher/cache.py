@@ -193,8 +193,16 @@ class CachedTeacher:
             graded = dict(zip(todo, fresh, strict=True))
             await asyncio.to_thread(self.cache.put_many, graded.items())
             found.update(graded)
-        # Copies, so that two positions never share one mutable Judgement.
-        return [dataclasses.replace(found[k], scores=dict(found[k].scores), extra=dict(found[k].extra)) for k in keys]
+        # Copies, so that two positions never share one mutable Judgement. A call graded for several identical
+        # requests has its usage split evenly over them, so that per-completion usage sums to what was spent.
+        copies = {k: keys.count(k) for k in todo}
+        out = []
+        for k in keys:
+            extra = dict(found[k].extra)
+            if copies.get(k, 1) > 1 and isinstance(extra.get("usage"), dict):
+                extra["usage"] = {name: value / copies[k] for name, value in extra["usage"].items()}
+            out.append(dataclasses.replace(found[k], scores=dict(found[k].scores), extra=extra))
+        return out
 
     async def health_check(self) -> None:
         """The wrapped teacher's health check."""

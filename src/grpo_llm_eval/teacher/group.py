@@ -12,7 +12,9 @@ function, ``judge``, ``evaluate``, ``calibrate``, SFT on feedback and judging ah
   chunk's content digest, pass): prompts are deterministic, hence cacheable and reproducible, yet no position
   systematically holds the first completion sampled. Labels map back to the original positions.
 * **Mismatch.** A call answered with the wrong labels or count (``group_mismatch``) is sent once more in another
-  shuffled order; if that fails too, every completion of the chunk is masked with status ``group_mismatch``.
+  shuffled order; if that fails too, every completion of the chunk is masked with status ``group_mismatch``. With
+  two passes a mismatch in either re-sends BOTH, as a fresh order and its reverse: re-sending one pass alone would
+  pair a fresh shuffle with the other pass's order, and ``position_flip`` would then compare two random orders.
 * **Two passes** (``group_judge_passes: 2``): the second call shows the first order reversed; scores are averaged
   per criterion. A completion is ``ok`` only when BOTH passes graded it: a single pass keeps the position bias the
   second cancels, and within one GRPO group an averaged reward beside a single-pass one would compare numbers of
@@ -133,8 +135,8 @@ class GroupTeacher:
 
     def order(self, chunk: Chunk, pass_index: int, retry: bool = False) -> list[int]:
         """Presentation order (indices into ``chunk.uniques``) of a pass: seeded shuffle; pass 2 reverses pass 1."""
-        if pass_index == 1 and not retry:
-            return self.order(chunk, 0)[::-1]
+        if pass_index == 1:  # on a retry too: the retried pair is again an order and its reverse
+            return self.order(chunk, 0, retry)[::-1]
         rng = random.Random(f"{self.seed}:{chunk.digest}:{pass_index}:{'retry' if retry else 'first'}")
         order = list(range(len(chunk.uniques)))
         rng.shuffle(order)
@@ -194,7 +196,8 @@ class GroupTeacher:
         results = dict(zip(plans, await self._calls([(chunks[ci], self.order(chunks[ci], p)) for ci, p in plans]),
                            strict=True))
         spent = {ci: [results[(ci, p)] for p in range(self.passes)] for ci in range(len(chunks))}
-        again = [(ci, p) for (ci, p), js in results.items() if any(j.status == "group_mismatch" for j in js)]
+        mismatched = sorted({ci for (ci, _), js in results.items() if any(j.status == "group_mismatch" for j in js)})
+        again = [(ci, p) for ci in mismatched for p in range(self.passes)]  # every pass of the chunk, see the doc
         retried = await self._calls([(chunks[ci], self.order(chunks[ci], p, retry=True)) for ci, p in again])
         for (ci, p), js in zip(again, retried, strict=True):
             results[(ci, p)] = js

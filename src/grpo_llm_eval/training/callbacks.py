@@ -78,10 +78,16 @@ class StepTimer(TrainerCallback):
 
 
 class TimeBudget(TrainerCallback):
-    """Stop after MINUTES of training, counted from the start of the first step, with a checkpoint."""
+    """Stop after MINUTES of training, counted from the start of the first step, with a checkpoint.
 
-    def __init__(self, minutes: float):
+    Each process has its own clock; AGREE (training/agreement.py, one all-reduce at every step end) makes the
+    first process whose budget is spent stop every process at the same step, or one would go to save while
+    another went on to the next step's collectives.
+    """
+
+    def __init__(self, minutes: float, agree=None):
         self.seconds = minutes * 60
+        self.agree = agree
         self._t0: float | None = None
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -89,7 +95,10 @@ class TimeBudget(TrainerCallback):
             self._t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._t0 is not None and time.perf_counter() - self._t0 >= self.seconds and state.global_step < state.max_steps:
+        spent = int(self._t0 is not None and time.perf_counter() - self._t0 >= self.seconds)
+        if self.agree is not None:
+            spent = self.agree([spent])[0]
+        if spent and state.global_step < state.max_steps:
             control.should_save = True
             control.should_training_stop = True
             logger.info("Time budget of %.1f minutes spent: stopping after step %d.", self.seconds / 60, state.global_step)
@@ -160,10 +169,18 @@ class ProgressBar(TrainerCallback):
 
 
 class StopOnSignal(TrainerCallback):
-    """SIGINT/SIGTERM: finish the current step, save a checkpoint, stop. A second signal interrupts at once."""
+    """SIGINT/SIGTERM: finish the current step, save a checkpoint, stop. A second signal interrupts at once.
 
-    def __init__(self):
+    A signal often reaches one process only (a preempted node). AGREE (training/agreement.py, one all-reduce at
+    every step end) makes every process stop at the same step end, save the same checkpoint together and exit
+    with the same code. `stopped_at` is the step where the agreed stop took effect; a signal received after the
+    last step end stops nothing (the run is over; the final model is saved as usual).
+    """
+
+    def __init__(self, agree=None):
+        self.agree = agree
         self.signal_number: int | None = None
+        self.stopped_at: int | None = None
         self._previous: dict = {}
 
     def install(self) -> None:
@@ -194,9 +211,19 @@ class StopOnSignal(TrainerCallback):
                        signal.Signals(signum).name)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.signal_number is not None:
-            control.should_save = True
-            control.should_training_stop = True
+        import signal
+
+        local = self.signal_number or 0
+        agreed = self.agree([local])[0] if self.agree is not None else local
+        if not agreed:
+            return
+        if self.signal_number is None:
+            self.signal_number = agreed
+            logger.warning("Another process received %s: stopping after this step with a checkpoint.",
+                           signal.Signals(agreed).name)
+        self.stopped_at = state.global_step
+        control.should_save = True
+        control.should_training_stop = True
 
 
 DUMP_WEIGHTS_ENV = "GRPO_LLM_EVAL_DUMP_WEIGHTS_DIR"

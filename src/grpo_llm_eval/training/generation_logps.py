@@ -10,7 +10,10 @@ after its own warpers, so it would see top-k/top-p-filtered scores, not the raw 
 
 The recording is checked against what TRL returned (every gathered token must be the completion's token at that
 position); anything else (a chunked prefill, several generate calls, a model without input_ids) gives None and
-the caller falls back to a forward pass (`judge_ahead.sampling_logps`).
+the caller falls back to a forward pass (`judge_ahead.sampling_logps`). The fallback is agreed across processes
+(`agree_fallback`): under ZeRO-3 or FSDP that forward pass all-gathers weights, so a process that ran it alone
+would wait for partners that never come. A process whose own recording was fine then has both, and the mean
+|recorded - forward| log-prob difference over its completion tokens is logged (`judge_ahead/logps_abs_diff`).
 """
 
 from __future__ import annotations
@@ -55,7 +58,9 @@ class GenerationLogps:
 
     def result(self, completion_ids: list[list[int]], width: int) -> torch.Tensor | None:
         """(B, WIDTH) log-probs at COMPLETION_IDS (zero past each end), or None where the recording does not fit."""
-        if self.problem is not None or self.pending is None:
+        if self.problem is None and self.pending is None:
+            self.problem = "the forward hook never fired (generation did not call the hooked module)"
+        if self.problem is not None:
             return None
         steps = len(self.columns) + 1
         if len(completion_ids) != self.pending.size(0) or max(map(len, completion_ids), default=0) > steps:
@@ -74,6 +79,30 @@ class GenerationLogps:
                 return None
             out[row, len(ids):] = 0.0
         return out[:, :width]
+
+
+OTHER_PROCESS = "another process's recording failed"
+
+
+def agree_fallback(accelerator, reason: str | None) -> str | None:
+    """Why every process falls back to a forward pass, or None where every process's recording is usable.
+
+    REASON is this process's own (None: its recording is fine). One all-reduce, called by every process.
+    """
+    from grpo_llm_eval.training.agreement import agree_max
+
+    anyone = agree_max(accelerator, [reason is not None])[0]
+    return reason if reason is not None else (OTHER_PROCESS if anyone else None)
+
+
+def mean_abs_difference(recorded: torch.Tensor, computed: torch.Tensor, completion_ids: list[list[int]]) -> float:
+    """Mean |RECORDED - COMPUTED| over the completion tokens (padding excluded)."""
+    width = min(recorded.size(1), computed.size(1))
+    mask = torch.zeros(len(completion_ids), width, device=computed.device)
+    for row, ids in enumerate(completion_ids):
+        mask[row, :min(len(ids), width)] = 1.0
+    diff = (recorded[:, :width].to(computed.device, computed.dtype) - computed[:, :width]).abs() * mask
+    return float(diff.sum() / mask.sum().clamp(min=1.0))
 
 
 def generating_model(trainer):

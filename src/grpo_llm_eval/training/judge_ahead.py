@@ -166,9 +166,13 @@ def check_exact(args, model) -> None:
     dropout = sorted({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0})
     if dropout and not args.use_vllm:
         problems.append(f"the model has dropout (p = {', '.join(map(str, dropout))})")
+    if args.use_vllm and not args.vllm_importance_sampling_correction:
+        problems.append("vLLM generates with vllm_importance_sampling_correction false (the only correction for "
+                        "the lag with vLLM: TRL recomputes the old log-probs under the current weights)")
     if problems:
         raise ValueError("judging ahead (judge_ahead_steps > 0) is exact only with one generation batch per update, "
-                         f"trained once, and no dropout; here {'; '.join(problems)}. Fix those, or set "
+                         "trained once, no dropout, and with vLLM its importance sampling correction on; "
+                         f"here {'; '.join(problems)}. Fix those, or set "
                          "judge_ahead_steps: 0.")
 
 

@@ -15,6 +15,7 @@ from grpo_llm_eval import models
 from grpo_llm_eval.teacher import build_teacher
 from grpo_llm_eval.teacher.grading.rubric import Rubric
 from grpo_llm_eval.training import checkpoints, model_card, run_dir
+from grpo_llm_eval.training.agreement import run_agreed
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ def _prepare_run(cfg, resume):
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
+    _refuse_fsdp_without_gpus()
     # cpu= as TrainingArguments decides it later: without it, processes launched on CPUs would not join one
     # group, and each would take itself for the main process.
     state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -159,6 +161,21 @@ def _prepare_run(cfg, resume):
             checkpoints.truncate_records(out, checkpoints.step_of(Path(resume)))
     state.wait_for_everyone()
     return cfg, out, state.is_main_process
+
+
+def _refuse_fsdp_without_gpus() -> None:
+    """`accelerate launch` with an FSDP config (configs/accelerate/fsdp2.yaml) where no GPU is visible is no FSDP:
+    accelerate starts independent single-process runs into one run folder (or, with ACCELERATE_USE_CPU=1, DDP)."""
+    import torch
+    from accelerate.utils import parse_flag_from_env
+
+    from grpo_llm_eval.config.load import ConfigError
+
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and not torch.cuda.is_available():
+        raise ConfigError(["accelerate launch with FSDP (e.g. configs/accelerate/fsdp2.yaml) needs GPUs, and none is "
+                           "visible: accelerate cannot run FSDP on CPU (the processes would train apart into one run "
+                           "folder); launch with configs/accelerate/cpu_2proc.yaml for several CPU processes, or on "
+                           "a machine with GPUs"])
 
 
 def _build_trainer(cfg, out: Path, dataset, rubric, teacher, is_main: bool):
@@ -204,6 +221,7 @@ def _attach_callbacks(trainer, cfg, rubric, teacher, recorder, out: Path, is_mai
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from grpo_llm_eval.evaluation.monitors import JudgeMonitorCallback
+    from grpo_llm_eval.training.agreement import agreed_max
     from grpo_llm_eval.training.callbacks import (
         FailedGradesGuard,
         ProgressBar,
@@ -214,8 +232,9 @@ def _attach_callbacks(trainer, cfg, rubric, teacher, recorder, out: Path, is_mai
         WeightDigestCallback,
     )
 
+    agree = agreed_max(trainer.accelerator)  # stops taken by every process at the same step end
     guard = FailedGradesGuard(trainer, cfg.max_consecutive_failed_steps)
-    stopper = StopOnSignal()
+    stopper = StopOnSignal(agree)
     if teacher is not None:  # calls, tokens and cost in metrics.jsonl; the teacher budgets
         from grpo_llm_eval.training.judge_spend import JudgeSpend
 
@@ -228,7 +247,7 @@ def _attach_callbacks(trainer, cfg, rubric, teacher, recorder, out: Path, is_mai
     if monitor is not None:
         trainer.add_callback(monitor)
     if cfg.max_train_minutes > 0:
-        trainer.add_callback(TimeBudget(cfg.max_train_minutes))
+        trainer.add_callback(TimeBudget(cfg.max_train_minutes, agree))
     if cfg.eval_steps > 0:
         from grpo_llm_eval.training.eval_callback import EvalCallback
 
@@ -248,8 +267,14 @@ def _raise_if_stopped(trainer, cfg, out: Path, stopper, guard, monitor) -> None:
     """A signal, the failed-grades guard or a judge alarm ended training: say how to resume, with the right exit code."""
     import signal
 
-    if stopper.signal_number is not None:
+    if stopper.signal_number is not None and stopper.stopped_at is None:
+        logger.warning("%s arrived after the last step: the run is complete; saving the final model.",
+                       signal.Signals(stopper.signal_number).name)
+    if stopper.stopped_at is not None:
         name = signal.Signals(stopper.signal_number).name
+        # Every process took this stop at the same step; none exits (and has the launcher end the others)
+        # before all have finished training's last collectives and callbacks.
+        trainer.accelerator.wait_for_everyone()
         ckpt = out / f"checkpoint-{trainer.state.global_step}"
         raise TrainingInterrupted(
             f"stopped by {name} at step {trainer.state.global_step} with a checkpoint in {ckpt}; resume with: "
@@ -276,20 +301,26 @@ def save_final(trainer, cfg, out: Path) -> Path | None:
     if main:
         shutil.rmtree(staged, ignore_errors=True)  # a crashed save's leftovers
     trainer.accelerator.wait_for_everyone()
-    with checkpoints.saving(staged, "the final model", out):
-        trainer.save_model(str(staged))
-        if main:
-            trainer.processing_class.save_pretrained(str(staged))
-            if cfg.lora.enabled and cfg.lora.merge_on_save:
-                merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-                merged.save_pretrained(str(staged / "merged"))
-                trainer.processing_class.save_pretrained(str(staged / "merged"))
-            _write_card(out, staged)
-    trainer.accelerator.wait_for_everyone()
-    if main:
+
+    def write():
         with checkpoints.saving(staged, "the final model", out):
-            checkpoints.publish(staged, final)
-    trainer.accelerator.wait_for_everyone()
+            trainer.save_model(str(staged))
+            if main:
+                trainer.processing_class.save_pretrained(str(staged))
+                if cfg.lora.enabled and cfg.lora.merge_on_save:
+                    merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+                    merged.save_pretrained(str(staged / "merged"))
+                    trainer.processing_class.save_pretrained(str(staged / "merged"))
+                _write_card(out, staged)
+
+    def publish():
+        if main:
+            with checkpoints.saving(staged, "the final model", out):
+                checkpoints.publish(staged, final)
+
+    # A SaveError on any process is raised on every one (the others would wait for it at a barrier).
+    run_agreed(trainer.accelerator, write, checkpoints.SaveError, "writing the final model")
+    run_agreed(trainer.accelerator, publish, checkpoints.SaveError, "publishing the final model")
     return final
 
 

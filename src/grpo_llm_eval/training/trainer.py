@@ -19,7 +19,7 @@ from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
 from grpo_llm_eval.teacher.usage import Usage
-from grpo_llm_eval.training import checkpoints, generation_logps, judge_ahead, judge_spend, sft, sft_loss
+from grpo_llm_eval.training import agreement, checkpoints, generation_logps, judge_ahead, judge_spend, sft, sft_loss
 from grpo_llm_eval.training.callbacks import StepTimer
 from grpo_llm_eval.training.skip_update import SkipUngradedUpdates
 
@@ -115,11 +115,19 @@ class TeacherGRPOTrainer(GRPOTrainer):
         old = None
         if not self.use_vllm:  # with vLLM, TRL's importance sampling correction covers the lag
             start = time.perf_counter()
+            recorded = None
             if why_not is None:
-                old = recorder.result(generated[1], judge_ahead.padded_width(generated[1], self.pad_to_multiple_of))
+                recorded = recorder.result(generated[1], judge_ahead.padded_width(generated[1], self.pad_to_multiple_of))
                 why_not = recorder.problem
-            if old is None:
+            # Every process, every batch: a forward pass run by some processes only would hang under ZeRO-3/FSDP.
+            why_not = generation_logps.agree_fallback(self.accelerator, why_not)
+            if why_not is None:
+                old = recorded
+            else:
                 old = judge_ahead.sampling_logps(self, generated[0], generated[1])
+                if recorded is not None:  # this process's recording was fine: how far it is from the forward pass
+                    self._metric("judge_ahead/logps_abs_diff",
+                                 generation_logps.mean_abs_difference(recorded, old, generated[1]))
             self._log_logps_source(why_not)
             self.times["old_logps_s"] += time.perf_counter() - start
         rollout = judge_ahead.Rollout(inputs, generated, old)
@@ -283,16 +291,22 @@ class TeacherGRPOTrainer(GRPOTrainer):
         name = f"checkpoint-{self.state.global_step}"
         staging = run / checkpoints.STAGING
         self._staging = str(staging)
-        try:
+
+        def write():
             with checkpoints.saving(staging, f"checkpoint {name}", run):
-                super()._save_checkpoint(model, trial)
+                super(TeacherGRPOTrainer, self)._save_checkpoint(model, trial)
                 if self.rollouts.depth > 0 or self.auto_depth is not None:  # sampled, not yet trained rollouts
                     (staging / name).mkdir(parents=True, exist_ok=True)
                     self.rollouts.save(judge_ahead.queue_file(staging / name, self.accelerator.process_index))
+
+        try:  # a SaveError on any process is raised on every one, never left for the others to wait on
+            agreement.run_agreed(self.accelerator, write, checkpoints.SaveError, f"writing {name}")
         finally:
             self._staging = None
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
+
+        def publish():
+            if not self.args.should_save:
+                return
             state = {"global_step": self.state.global_step, "consecutive_failed": self.consecutive_failed}
             if self.judge_spend is not None:
                 state[judge_spend.STATE_KEY] = self.judge_spend.state()
@@ -303,7 +317,8 @@ class TeacherGRPOTrainer(GRPOTrainer):
                 checkpoints.publish(staging / name, run / name)
             checkpoints.rotate(run, self.args.save_total_limit or 0)
             shutil.rmtree(staging, ignore_errors=True)  # only leftovers (a model card) remain there
-        self.accelerator.wait_for_everyone()
+
+        agreement.run_agreed(self.accelerator, publish, checkpoints.SaveError, f"publishing {name}")
 
     def restore_state(self, checkpoint: str | Path) -> None:
         """Our counters from a checkpoint (the Trainer restores weights, optimizer, scheduler, RNG, data)."""

@@ -60,7 +60,7 @@ class OpenAITeacher(FailureHandling):
     """Grades through an OpenAI-compatible chat completions endpoint; see the module doc.
 
     `stats` holds counters for metrics: calls, attempts, retries, ok, failures by status, latency_s_total,
-    prompt_tokens, completion_tokens, fallbacks.
+    fallbacks. Tokens are counted once, by the usage meter (`usage`, teacher/usage.py).
     """
 
     def __init__(self, cfg, rubric, backoff_base_s: float = 0.5, num_processes: int | None = None,
@@ -92,7 +92,7 @@ class OpenAITeacher(FailureHandling):
         self.rate_window_s = rate_window_s  # per-minute limits' window; shorter only in tests
         self._gate: CallGate | None = None
         self.stats = {"calls": 0, "attempts": 0, "retries": 0, "ok": 0, "failures": {}, "latency_s_total": 0.0,
-                      "prompt_tokens": 0, "completion_tokens": 0, "fallbacks": []}
+                      "fallbacks": []}
 
     # ---- per-event-loop client and concurrency cap ---------------------------------------------
     @property
@@ -236,8 +236,6 @@ class OpenAITeacher(FailureHandling):
         def finish(completion, _logprobs, start: float, attempts: int, _structured) -> list[Judgement]:
             latency, usage = time.monotonic() - start, getattr(completion, "usage", None)
             prompt, made = getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0
-            self._bump("prompt_tokens", prompt)
-            self._bump("completion_tokens", made)
             if not completion.choices:
                 out = failed_group(call, names, "empty", "the teacher returned no choices", latency, attempts,
                                    split_usage(attempts, prompt, made, n))
@@ -333,9 +331,6 @@ class OpenAITeacher(FailureHandling):
         rubric = rubric or self.rubric
         latency = time.monotonic() - start
         usage = getattr(completion, "usage", None)
-        if usage is not None:
-            self._bump("prompt_tokens", usage.prompt_tokens or 0)
-            self._bump("completion_tokens", usage.completion_tokens or 0)
         if not completion.choices:
             return self._record(Judgement.failed("empty", rubric.names, "the teacher returned no choices",
                                                  latency_s=latency, attempts=attempts))
