@@ -44,7 +44,7 @@ class Config:
     student_model_name: str = _f(BUNDLED_STUDENT, "Student: Hub id, local folder, or bundled:NAME.")
     teacher_model_name: str = _f(BUNDLED_STUDENT, "Teacher model: the served model name (openai) or a model (local).")
     teacher_backend: str = _f("local", "Where the teacher runs.", choices=BACKENDS)
-    openai_base_url: str = _f("", "OpenAI-compatible base URL of the teacher; empty: the openai library's default. Key from OPENAI_API_KEY.")
+    openai_base_url: str | list = _f("", "OpenAI-compatible base URL of the teacher; empty: the openai library's default. Key from OPENAI_API_KEY. A list of URLs (YAML list; on the command line --set 'openai_base_url=[URL1,URL2]') names replicas of one teacher: each call goes to the least-loaded healthy one, a failing one is taken out and probed back in, and its calls go to the others; credentials may differ per URL (user:password@).")
     use_unsloth: bool = _f(False, "Seed key, kept so seed configs load: must be false (true is refused: the student loads with transformers and peft).")
     load_in_4bit: bool = _f(False, "Load the student in 4 bit (only where bitsandbytes and CUDA are there; else a warning).")
     lora: LoraSection = field(default_factory=LoraSection, metadata={"help": "LoRA section (see below)."})

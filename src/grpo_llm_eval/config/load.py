@@ -244,6 +244,23 @@ def _check_judge_ahead(cfg: Config, problems: list[str]) -> None:
             f"noise even with no lag; set lora.dropout: 0, {fix}.")
 
 
+def _urls(value) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list) else [str(value or "")]
+
+
+def _check_base_url(cfg: Config, problems: list[str]) -> None:
+    """openai_base_url: one URL (a string), or a non-empty list of distinct URLs, the replicas of one teacher."""
+    value = cfg.openai_base_url
+    if isinstance(value, str):
+        return
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+        problems.append(f"openai_base_url: {value!r} is neither a URL nor a list of URLs; write one URL, or a YAML "
+                        "list of the replicas' URLs (--set 'openai_base_url=[http://h1:8000/v1,http://h2:8000/v1]').")
+    elif len({v.strip() for v in value}) != len(value):
+        problems.append(f"openai_base_url: the list repeats a URL ({', '.join(redact_url(v) for v in value)}); "
+                        "name each replica once.")
+
+
 def validate(data: dict) -> Config:
     """Build a Config from a mapping, or raise ConfigError listing every problem."""
     problems: list[str] = []
@@ -257,7 +274,8 @@ def validate(data: dict) -> Config:
     if cfg.trl:
         _check_trl(cfg.trl, problems)
     _check_criteria(cfg.criteria, problems)
-    if cfg.teacher_backend == "openai" and is_redacted(cfg.openai_base_url):
+    _check_base_url(cfg, problems)
+    if cfg.teacher_backend == "openai" and any(is_redacted(u) for u in _urls(cfg.openai_base_url)):
         problems.append(
             f"openai_base_url: {cfg.openai_base_url} has its credentials redacted ({REDACTED}), as a run's config.yaml "
             "stores it, so the teacher would be sent the placeholder; give the real URL: resume with --config "
@@ -323,7 +341,8 @@ def is_redacted(url: str) -> bool:
 def to_dict(cfg: Config) -> dict:
     """The resolved config as plain data, secrets redacted (the API key is never part of it)."""
     data = dataclasses.asdict(cfg)
-    data["openai_base_url"] = redact_url(cfg.openai_base_url)
+    url = cfg.openai_base_url
+    data["openai_base_url"] = [redact_url(u) for u in url] if isinstance(url, list) else redact_url(url)
     return data
 
 

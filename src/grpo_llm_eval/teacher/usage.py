@@ -133,6 +133,8 @@ class UsageMeter:
         self.share = 1.0
         self._usage = Usage()
         self._reserved = Usage()  # estimates of the calls in flight (see admit)
+        # Requests per teacher replica; sized by the openai backend when it has several (the same on every process).
+        self.endpoint_calls: list[int] = []
         self._lock = threading.Lock()
 
     @classmethod
@@ -178,6 +180,12 @@ class UsageMeter:
                 return False
             self._reserved = self._reserved + Usage(1, prompt_tokens, completion_tokens)
             return True
+
+    def add_endpoint_call(self, index: int) -> None:
+        """Count one request sent to replica INDEX (for judge/calls_by_endpoint/<i>; only with several replicas)."""
+        with self._lock:
+            if index < len(self.endpoint_calls):
+                self.endpoint_calls[index] += 1
 
     def release(self, prompt_tokens: int, completion_tokens: int) -> None:
         """Drop the reservation `admit` made for a call that has ended."""

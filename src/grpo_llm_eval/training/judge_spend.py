@@ -32,6 +32,8 @@ class JudgeSpend(TrainerCallback):
         self._last = Usage()
         self._before = Usage()
         self.spent: str | None = None  # the line naming the budget reached, once reached
+        self._endpoints: list[int] = []  # requests per teacher replica this session, all processes
+        self._last_endpoints: list[int] = []
 
     def restore(self, spent_before: Usage) -> None:
         """What the run spent before a resume: counted in the totals and against the budgets."""
@@ -43,12 +45,17 @@ class JudgeSpend(TrainerCallback):
         return self.total.to_dict()
 
     def _run_total(self) -> Usage:
+        """The run's usage (all processes, resumes included); also sums the calls per replica into `_endpoints`."""
         import torch
 
         accelerator = self.trainer.accelerator
-        local = torch.tensor(self.meter.usage.as_tuple(), dtype=torch.float64, device=accelerator.device)
+        mine = self.meter.usage.as_tuple()
+        values = [*mine, *self.meter.endpoint_calls]  # the same length on every process (the same config)
+        local = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
         summed = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
-        return self._before + Usage(*(int(round(v)) for v in summed.tolist()))
+        summed = [int(round(v)) for v in summed.tolist()]
+        self._endpoints = summed[len(mine):]
+        return self._before + Usage(*summed[:len(mine)])
 
     def on_step_end(self, args, state, control, **kwargs):
         self.total = self._run_total()
@@ -56,6 +63,11 @@ class JudgeSpend(TrainerCallback):
         prices = self.meter.prices
         for name, value in usage_metrics(step, prices, "judge/").items():
             self.trainer._metric(name, value)
+        # Requests per teacher replica in this step (several replicas only): where the calls went.
+        last = self._last_endpoints or [0] * len(self._endpoints)
+        for i, (now, before) in enumerate(zip(self._endpoints, last, strict=True)):
+            self.trainer._metric(f"judge/calls_by_endpoint/{i}", float(now - before))
+        self._last_endpoints = self._endpoints
         metrics = self.trainer._metrics["train"]
         for name, value in usage_metrics(self.total, prices, "judge/total_").items():
             metrics[name] = [value]  # a total, not averaged over the logging window: the latest is the value
