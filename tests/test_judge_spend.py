@@ -21,7 +21,9 @@ from tests.conftest import tiny_overrides
 from tests.test_judge_cli import ROWS, judge
 
 BUDGET = 6000  # tokens; the fake teacher uses about 240 per call, 8 calls a step: about three steps
-PRICES = {"teacher_price_input_per_mtok": 2.0, "teacher_price_output_per_mtok": 8.0}
+# Cached prompt tokens at a quarter of the input price (the server simulates a prefix cache).
+PRICES = {"teacher_price_input_per_mtok": 2.0, "teacher_price_output_per_mtok": 8.0,
+          "teacher_price_cached_input_per_mtok": 0.5}
 
 
 def train_cli(tiny_model, out: Path, server, *extra: str, **settings) -> subprocess.CompletedProcess:
@@ -39,20 +41,21 @@ def totals(row: dict) -> int:
 def budget_run(tiny_model, tmp_path_factory):
     """A 20-step run with a token budget of about three steps, then resumed with the budget doubled."""
     out = tmp_path_factory.mktemp("budget")
-    with TeacherServer(mode="scripted") as server:
+    with TeacherServer(mode="scripted", prefix_cache=True) as server:
         first = train_cli(tiny_model, out, server, total_steps=20, save_steps=100, teacher_max_total_tokens=BUDGET,
                           **PRICES)
         metrics_first = read_jsonl(out / "run" / "metrics.jsonl")
         usage = [e["usage"] for e in server.stats()["log"] if e.get("usage")]
         served = sum(u["prompt_tokens"] + u["completion_tokens"] for u in usage)
+        served_cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in usage)
         resumed = train_cli(tiny_model, out, server, "--resume", str(out / "run"), total_steps=20, save_steps=100,
                             teacher_max_total_tokens=2 * BUDGET, **PRICES)
-    return out / "run", first, metrics_first, served, resumed
+    return out / "run", first, metrics_first, served, resumed, served_cached
 
 
 class TestTokenBudget:
     def test_the_run_stops_early_with_a_checkpoint_and_final_and_exits_0(self, budget_run):
-        run, first, metrics, _, _ = budget_run
+        run, first, metrics, *_ = budget_run
         assert first.returncode == 0, first.stderr[-3000:]
         stopped = max(m["step"] for m in metrics)
         assert 2 <= stopped < 20
@@ -62,7 +65,7 @@ class TestTokenBudget:
         assert len(said) == 1 and "spent" in said[0] and f"after step {stopped}" in said[0]
 
     def test_the_totals_end_at_or_just_past_the_budget(self, budget_run):
-        _, _, metrics, served, _ = budget_run
+        _, _, metrics, served, *_ = budget_run
         rows = [m for m in metrics if "judge/total_calls" in m]
         last = rows[-1]
         per_call = totals(last) / last["judge/total_calls"]
@@ -70,14 +73,22 @@ class TestTokenBudget:
         assert totals(last) == served  # every token the server reported, and no more
 
     def test_each_step_logs_its_calls_tokens_and_cost_and_they_add_up_to_the_totals(self, budget_run):
-        _, _, metrics, _, _ = budget_run
+        _, _, metrics, *_ = budget_run
         rows = [m for m in metrics if "judge/calls" in m]
         assert [m["step"] for m in rows] == list(range(1, len(rows) + 1))
-        for key in ("calls", "prompt_tokens", "completion_tokens", "cost_usd"):
+        for key in ("calls", "prompt_tokens", "completion_tokens", "cached_prompt_tokens", "cost_usd"):
             assert sum(m[f"judge/{key}"] for m in rows) == pytest.approx(rows[-1][f"judge/total_{key}"])
         last = rows[-1]
+        cached = last["judge/total_cached_prompt_tokens"]
         assert last["judge/total_cost_usd"] == pytest.approx(
-            (2.0 * last["judge/total_prompt_tokens"] + 8.0 * last["judge/total_completion_tokens"]) / 1e6)
+            (2.0 * (last["judge/total_prompt_tokens"] - cached) + 0.5 * cached
+             + 8.0 * last["judge/total_completion_tokens"]) / 1e6)
+
+    def test_cached_prompt_tokens_are_what_the_server_reported(self, budget_run):
+        _, _, metrics, *_, served_cached = budget_run
+        last = [m for m in metrics if "judge/total_calls" in m][-1]
+        # The rubric's instructions come before the graded text, so every call after the first reads them cached.
+        assert 0 < last["judge/total_cached_prompt_tokens"] == served_cached < last["judge/total_prompt_tokens"]
 
     def test_each_rollout_records_the_tokens_of_the_call_that_graded_it(self, budget_run):
         run = budget_run[0]
@@ -90,7 +101,7 @@ class TestTokenBudget:
         assert any(not r["cached"] and r["judge_status"] == "ok" for r in rows)
 
     def test_a_resumed_run_counts_what_was_already_spent(self, budget_run):
-        run, _, metrics_first, _, resumed = budget_run
+        run, _, metrics_first, _, resumed, _ = budget_run
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         before = totals([m for m in metrics_first if "judge/total_calls" in m][-1])
         stopped = max(m["step"] for m in metrics_first)
@@ -124,6 +135,8 @@ class TestShown:
         card = html.split("teacher tokens</span><b>", 1)[1].split("<", 1)[0]
         assert card.replace(",", "") == str(totals(last))
         assert "teacher cost (US$)" in html
+        share = html.split("cached prompt share</span><b>", 1)[1].split("<", 1)[0]
+        assert share == f"{last['judge/total_cached_prompt_tokens'] / last['judge/total_prompt_tokens']:.1%}"
 
     def test_judge_prints_the_teachers_calls_and_tokens(self, tmp_path, caplog):
         with TeacherServer(mode="scripted") as srv, caplog.at_level(logging.INFO):

@@ -55,6 +55,20 @@ class TestUsageAccounting:
         assert Prices(0.15, 0.60).cost_usd(usage) == pytest.approx(0.3 + 0.3)
         assert not Prices().priced
 
+    def test_cached_prompt_tokens_are_what_the_server_reported_and_cost_their_price(self):
+        with TeacherServer(mode="scripted", prefix_cache=True, cache_block=4) as srv:
+            teacher = make_teacher(srv.base_url, teacher_max_concurrency=1, teacher_price_input_per_mtok=2.0,
+                                   teacher_price_output_per_mtok=8.0, teacher_price_cached_input_per_mtok=0.5)
+            assert all(j.ok for j in judge_once(teacher, arithmetic(6)))
+            log = [e["usage"] for e in srv.stats()["log"]]
+        usage = teacher.usage.usage
+        cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in log)
+        assert log[0]["prompt_tokens_details"]["cached_tokens"] == 0  # nothing cached before the first call
+        assert usage.cached_prompt_tokens == cached and 0 < cached < usage.prompt_tokens
+        full = Prices(2.0, 8.0).cost_usd(usage)  # unset cached price: the input price, as before
+        assert full == pytest.approx((2.0 * usage.prompt_tokens + 8.0 * usage.completion_tokens) / 1e6)
+        assert teacher.usage.prices.cost_usd(usage) == pytest.approx(full - 1.5 * cached / 1e6)
+
 
 class TestBudget:
     def test_no_call_is_sent_once_the_token_budget_is_spent(self):

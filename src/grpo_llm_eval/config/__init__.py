@@ -101,6 +101,7 @@ class Config:
     teacher_tpm: int = _f(0, "Teacher tokens (prompt + completion) per minute for the whole run (split evenly across processes; a call counts its estimate until its usage is known; openai backend); 0: no limit.", min=0)
     teacher_price_input_per_mtok: float = _f(0.0, "Price of the teacher's prompt tokens, US dollars per million; with the output price it turns tokens into judge/cost_usd.", min=0.0)
     teacher_price_output_per_mtok: float = _f(0.0, "Price of the teacher's completion tokens, US dollars per million.", min=0.0)
+    teacher_price_cached_input_per_mtok: float | None = _f(None, "Price of the prompt tokens the server reports read from its prompt cache (usage.prompt_tokens_details.cached_tokens), US dollars per million; unset (null): the input price. Hosted APIs bill them at 0.1x to 0.5x the input price.", min=0.0)
     teacher_max_total_tokens: int = _f(0, "Stop training (with a checkpoint and final/) once the teacher has used this many prompt + completion tokens in the run, resumes included; 0: no limit.", min=0)
     teacher_max_cost_usd: float = _f(0.0, "Stop training (with a checkpoint and final/) once the teacher has cost this many US dollars (needs the prices); 0: no limit.", min=0.0)
     teacher_structured_output: bool = _f(False, "Ask for JSON-schema-constrained grades (response_format); falls back if refused.")

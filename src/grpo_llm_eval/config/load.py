@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import types
 import typing
 from importlib import resources
 from pathlib import Path
@@ -79,6 +80,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def _is_instance(value: Any, hint: Any) -> bool:
     if hint is Any:
         return True
+    if isinstance(hint, types.UnionType):  # e.g. float | None, str | list
+        return any(_is_instance(value, h) for h in typing.get_args(hint))
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
@@ -110,7 +113,7 @@ def _check_section(cls: type, data: dict, prefix: str, problems: list[str]) -> d
                 continue
             values[key] = hint(**_check_section(hint, value, f"{name}.", problems))
             continue
-        if hint is float and isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+        if (hint is float or float in typing.get_args(hint)) and isinstance(value, str) and _FLOAT_RE.match(value.strip()):
             value = float(value)  # YAML 1.1 reads 5e-7 as a string
         if hint is str and value is None:
             value = ""
@@ -118,15 +121,15 @@ def _check_section(cls: type, data: dict, prefix: str, problems: list[str]) -> d
             want = getattr(hint, "__name__", str(hint))
             problems.append(f"{name}: expected {want}, got {value!r} ({type(value).__name__}); write a {want}.")
             continue
-        if hint is float:
+        if (hint is float or float in typing.get_args(hint)) and value is not None:
             value = float(value)
         if "choices" in meta and value not in meta["choices"]:
             problems.append(f"{name}: {value!r} is not one of {', '.join(meta['choices'])}; pick one of them.")
             continue
-        if "min" in meta and value < meta["min"]:
+        if "min" in meta and value is not None and value < meta["min"]:
             problems.append(f"{name}: {value!r} is below the minimum {meta['min']}; use a value >= {meta['min']}.")
             continue
-        if "max" in meta and value > meta["max"]:
+        if "max" in meta and value is not None and value > meta["max"]:
             problems.append(f"{name}: {value!r} is above the maximum {meta['max']}; use a value <= {meta['max']}.")
             continue
         values[key] = value

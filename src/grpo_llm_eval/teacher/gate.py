@@ -23,6 +23,15 @@ class Ticket:
     tpm_entry: list | None = None
 
 
+def cached_tokens(usage) -> int:
+    """The prompt tokens a response's usage says were read from the server's prompt cache (0 when not reported):
+    ``usage.prompt_tokens_details.cached_tokens`` (OpenAI, vLLM, llama.cpp's server and most hosted APIs)."""
+    details = getattr(usage, "prompt_tokens_details", None)
+    if isinstance(details, dict):
+        return int(details.get("cached_tokens") or 0)
+    return int(getattr(details, "cached_tokens", 0) or 0)
+
+
 class CallGate:
     """Budget check and per-minute limits of one process (shared by all its event loops)."""
 
@@ -58,6 +67,6 @@ class CallGate:
         """Count the request (USAGE: the response's `usage`, or None when there was no answer)."""
         prompt = getattr(usage, "prompt_tokens", 0) or 0
         completion = getattr(usage, "completion_tokens", 0) or 0
-        self.meter.add(1, prompt, completion)
+        self.meter.add(1, prompt, completion, cached_tokens(usage))
         self.meter.release(*ticket.estimate)
         self._end_windows(ticket, usage)

@@ -13,20 +13,22 @@ import threading
 from dataclasses import asdict, dataclass
 
 # Metric names, per step and as run totals.
-USAGE_KEYS = ("calls", "prompt_tokens", "completion_tokens")
+USAGE_KEYS = ("calls", "prompt_tokens", "completion_tokens", "cached_prompt_tokens")
 
 
 @dataclass(frozen=True)
 class Usage:
-    """Counts of teacher calls and tokens.
+    """Counts of teacher calls and tokens; `cached_prompt_tokens` is the part of `prompt_tokens` the server
+    reported as read from its prompt cache (``usage.prompt_tokens_details.cached_tokens``).
 
-    >>> Usage(2, 300, 40) + Usage(1, 100, 10)
-    Usage(calls=3, prompt_tokens=400, completion_tokens=50)
+    >>> Usage(2, 300, 40) + Usage(1, 100, 10, 64)
+    Usage(calls=3, prompt_tokens=400, completion_tokens=50, cached_prompt_tokens=64)
     """
 
     calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(*(a + b for a, b in zip(self.as_tuple(), other.as_tuple(), strict=True)))
@@ -34,8 +36,8 @@ class Usage:
     def __sub__(self, other: Usage) -> Usage:
         return Usage(*(a - b for a, b in zip(self.as_tuple(), other.as_tuple(), strict=True)))
 
-    def as_tuple(self) -> tuple[int, int, int]:
-        return self.calls, self.prompt_tokens, self.completion_tokens
+    def as_tuple(self) -> tuple[int, int, int, int]:
+        return self.calls, self.prompt_tokens, self.completion_tokens, self.cached_prompt_tokens
 
     @property
     def total_tokens(self) -> int:
@@ -52,10 +54,12 @@ class Usage:
 
 @dataclass(frozen=True)
 class Prices:
-    """US dollars per million input (prompt) and output (completion) tokens; both 0: not priced."""
+    """US dollars per million input (prompt) and output (completion) tokens; both 0: not priced. Cached prompt
+    tokens cost `cached_input_per_mtok`; None: the input price (what a bill without a cache discount says)."""
 
     input_per_mtok: float = 0.0
     output_per_mtok: float = 0.0
+    cached_input_per_mtok: float | None = None
 
     @property
     def priced(self) -> bool:
@@ -65,8 +69,13 @@ class Prices:
         """
         >>> round(Prices(0.5, 1.5).cost_usd(Usage(1, 2_000_000, 1_000_000)), 6)
         2.5
+        >>> round(Prices(0.5, 1.5, 0.125).cost_usd(Usage(1, 2_000_000, 1_000_000, 1_000_000)), 6)  # half cached
+        2.125
         """
-        return (usage.prompt_tokens * self.input_per_mtok + usage.completion_tokens * self.output_per_mtok) / 1e6
+        cached = min(usage.cached_prompt_tokens, usage.prompt_tokens)
+        cached_price = self.input_per_mtok if self.cached_input_per_mtok is None else self.cached_input_per_mtok
+        return ((usage.prompt_tokens - cached) * self.input_per_mtok + cached * cached_price
+                + usage.completion_tokens * self.output_per_mtok) / 1e6
 
 
 @dataclass(frozen=True)
@@ -92,7 +101,8 @@ class Budgets:
 
 
 def usage_metrics(usage: Usage, prices: Prices, prefix: str) -> dict[str, float]:
-    """{prefix}calls, {prefix}prompt_tokens, {prefix}completion_tokens, and {prefix}cost_usd when priced."""
+    """{prefix}calls, {prefix}prompt_tokens, {prefix}completion_tokens, {prefix}cached_prompt_tokens, and
+    {prefix}cost_usd when priced."""
     out = {f"{prefix}{k}": float(v) for k, v in zip(USAGE_KEYS, usage.as_tuple(), strict=True)}
     if prices.priced:
         out[f"{prefix}cost_usd"] = prices.cost_usd(usage)
@@ -103,6 +113,8 @@ def describe(usage: Usage, prices: Prices) -> str:
     """One line for people: calls, tokens and, when priced, dollars."""
     text = (f"{usage.calls:,} teacher calls, {usage.prompt_tokens:,} prompt + {usage.completion_tokens:,} "
             f"completion tokens")
+    if usage.cached_prompt_tokens:
+        text += f" ({usage.cached_prompt_tokens / max(1, usage.prompt_tokens):.0%} of the prompt tokens cached)"
     return text + (f", ${prices.cost_usd(usage):.4f}" if prices.priced else "")
 
 
@@ -139,13 +151,14 @@ class UsageMeter:
 
     @classmethod
     def from_config(cls, cfg) -> UsageMeter:
-        return cls(Prices(cfg.teacher_price_input_per_mtok, cfg.teacher_price_output_per_mtok),
-                   Budgets.from_config(cfg))
+        return cls(Prices(cfg.teacher_price_input_per_mtok, cfg.teacher_price_output_per_mtok,
+                          cfg.teacher_price_cached_input_per_mtok), Budgets.from_config(cfg))
 
-    def add(self, calls: int = 1, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
-        """Count CALLS calls that used these tokens."""
+    def add(self, calls: int = 1, prompt_tokens: int = 0, completion_tokens: int = 0, cached_prompt_tokens: int = 0) -> None:
+        """Count CALLS calls that used these tokens (CACHED_PROMPT_TOKENS: the part of the prompt the server had cached)."""
         with self._lock:
-            self._usage = self._usage + Usage(calls, int(prompt_tokens or 0), int(completion_tokens or 0))
+            self._usage = self._usage + Usage(calls, int(prompt_tokens or 0), int(completion_tokens or 0),
+                                              int(cached_prompt_tokens or 0))
 
     @property
     def usage(self) -> Usage:
