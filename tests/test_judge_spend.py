@@ -158,3 +158,35 @@ class TestShown:
         summary = json.loads((tmp_path / "eval" / "eval_summary.json").read_text())
         assert summary["teacher_usage"]["calls"] == requests == 3
         assert any(r.getMessage().startswith("Teacher spend: 3 teacher calls") for r in caplog.records)
+
+
+class TestSpendSurvivesACrash:
+    def test_kill_9_after_a_checkpoint_and_a_step_then_resume_counts_every_billed_token(self, tiny_model, tmp_path):
+        """Issue 26 item 4: before, the resumed run counted the checkpoint's totals and forgot what step 3 (and the
+        batch judged ahead) had cost, so it counted less than the server billed and could spend the budget again."""
+        import signal
+        import time
+
+        from tests.test_resume import cli, finish, start, steps_in, wait_for
+
+        with TeacherServer(mode="scripted", latency_s=0.3, hang_s=5.0) as server:
+            run = tmp_path / "crash"
+            proc = start(cli(tiny_model, tmp_path, server, "crash"))
+            wait_for(lambda: (run / "checkpoint-2").is_dir() and 3 in steps_in(run), proc)
+            # From now on the server answers nothing (until after the kill), so no answer is on its way back at the
+            # kill: every call it billed before it was read by the client, and is counted or forgotten for sure.
+            server.set_faults(fault_rate=1.0, faults=("hang",))
+            wait_for(lambda: time.monotonic() - max(e.get("t_done", 0) for e in server.stats()["log"]) > 1.0, proc)
+            killed_at = time.monotonic()
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            server.set_faults(fault_rate=0.0)
+            resumed_at = time.monotonic()
+            code, log = finish(start([sys.executable, "-m", "grpo_llm_eval.cli", "train", "--resume", str(run)]))
+            assert code == 0, log
+            billed = [e for e in server.stats()["log"] if e.get("usage") and (e["t_done"] < killed_at or e["t"] > resumed_at)]
+        last = [m for m in read_jsonl(run / "metrics.jsonl") if "judge/total_calls" in m][-1]
+        assert last["step"] == 4
+        assert last["judge/total_prompt_tokens"] == sum(e["usage"]["prompt_tokens"] for e in billed)
+        assert last["judge/total_completion_tokens"] == sum(e["usage"]["completion_tokens"] for e in billed)
+        assert "Teacher spend after the checkpoint, before the run stopped" in log

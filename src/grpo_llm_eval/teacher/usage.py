@@ -147,6 +147,7 @@ class UsageMeter:
         self._reserved = Usage()  # estimates of the calls in flight (see admit)
         # Requests per teacher replica; sized by the openai backend when it has several (the same on every process).
         self.endpoint_calls: list[int] = []
+        self.ledger = None  # spend_ledger.SpendLedger, during training: every call written down as it is counted
         self._lock = threading.Lock()
 
     @classmethod
@@ -159,6 +160,8 @@ class UsageMeter:
         with self._lock:
             self._usage = self._usage + Usage(calls, int(prompt_tokens or 0), int(completion_tokens or 0),
                                               int(cached_prompt_tokens or 0))
+            if self.ledger is not None:  # durably, before anything else can happen (spend_ledger.py)
+                self.ledger.record(self._usage)
 
     @property
     def usage(self) -> Usage:

@@ -6,15 +6,18 @@ priced) and in total (`judge/total_*`, resumes included). Spend is counted when 
 batch judged ahead counts in the step during which it was graded, not the one that trains on it; the
 totals are exactly what the teacher was asked for. When a budget is reached the run stops as
 `max_train_minutes` stops it: the step finishes, a checkpoint and final/ are saved, one line names the
-budget, and the process exits 0.
+budget, and the process exits 0. Every call is also written to the run's database as it is counted
+(teacher/spend_ledger.py), so a resume after a crash counts what was spent after the last checkpoint too.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from transformers import TrainerCallback
 
+from grpo_llm_eval.teacher.spend_ledger import SpendLedger
 from grpo_llm_eval.teacher.usage import Usage, UsageMeter, describe, usage_metrics
 
 logger = logging.getLogger(__name__)
@@ -25,9 +28,12 @@ STATE_KEY = "judge_usage"  # in the checkpoint's grpo_llm_eval_state.json
 class JudgeSpend(TrainerCallback):
     """Logs teacher spend per step and in total; stops training (with a checkpoint) when a budget is reached."""
 
-    def __init__(self, trainer, meter: UsageMeter):
+    def __init__(self, trainer, meter: UsageMeter, ledger_path: Path | None = None):
         self.trainer = trainer
         self.meter = meter
+        if ledger_path is not None:  # what each call costs, written as it is counted (survives kill -9)
+            meter.ledger = SpendLedger(ledger_path)
+            meter.add(0)  # this process's row now, with what the health check spent
         self.total = Usage()  # the whole run's, all processes, as of the last step end
         self._last = Usage()
         self._before = Usage()
@@ -36,9 +42,30 @@ class JudgeSpend(TrainerCallback):
         self._last_endpoints: list[int] = []
 
     def restore(self, spent_before: Usage) -> None:
-        """What the run spent before a resume: counted in the totals and against the budgets."""
+        """What the run spent before a resume: counted in the totals and against the budgets. SPENT_BEFORE: the
+        checkpoint's totals; the ledger's rows of earlier sessions add what was spent after that checkpoint."""
+        ledger = self.meter.ledger
+        earlier = ledger.before(self._session_start()) if ledger is not None else None
+        if earlier is not None:
+            counted = Usage(*(max(a, b) for a, b in zip(spent_before.as_tuple(), earlier.as_tuple(), strict=True)))
+            extra = counted - spent_before
+            if extra.calls or extra.total_tokens:
+                logger.info("Teacher spend after the checkpoint, before the run stopped (from %s): %s; counted in "
+                            "the totals and budgets.", ledger.path.name, describe(extra, self.meter.prices))
+            spent_before = counted
         self._before = self.total = self._last = spent_before
         self.meter.before = spent_before
+
+    def _session_start(self) -> float:
+        """When the first process of this session opened its ledger (the same on every process): rows started
+        earlier are the earlier sessions'."""
+        import torch
+
+        accelerator = self.trainer.accelerator
+        if accelerator.num_processes == 1:
+            return self.meter.ledger.started
+        mine = torch.tensor([self.meter.ledger.started], dtype=torch.float64, device=accelerator.device)
+        return float(accelerator.gather(mine).min().item())
 
     def state(self) -> dict:
         """For the checkpoint: the run's totals."""

@@ -1,0 +1,73 @@
+"""The teacher's spend, written down as it happens, so that a crash cannot forget what was paid.
+
+A checkpoint saves the run's totals as of its step; what the teacher cost between that checkpoint and a crash
+(kill -9, a lost node) was billed but would be counted nowhere, and a resumed run could spend its budget again.
+So each process keeps one row in a `spend` table of the run's judgement database (`judgements.sqlite`, the
+same SQLite file in WAL mode as the judgement cache, written whether or not the cache is on): its calls and
+tokens so far, rewritten after every call (`UsageMeter.add`). A committed WAL transaction survives the
+process being killed. A resumed run counts the rows of the processes that started before it: every call any
+earlier session made, up to its last one.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from grpo_llm_eval.teacher.usage import USAGE_KEYS, Usage
+
+logger = logging.getLogger(__name__)
+
+_COLUMNS = ", ".join(f"{k} INTEGER NOT NULL" for k in USAGE_KEYS)
+_SCHEMA = f"CREATE TABLE IF NOT EXISTS spend (id TEXT PRIMARY KEY, started REAL NOT NULL, updated REAL NOT NULL, {_COLUMNS})"
+BUSY_TIMEOUT_S = 30.0
+
+
+class SpendLedger:
+    """One process's row of teacher spend in the run's database; `before(t)`: the rows of processes started before t."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.id = uuid.uuid4().hex
+        self.started = time.time()  # wall clock: rows are compared across processes and sessions
+        self._lock = threading.Lock()
+        self._warned = False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+        self._conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError:  # another process is switching it right now: it ends in WAL either way
+            pass
+        self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a commit survives the process's death
+        with self._conn:
+            self._conn.execute(_SCHEMA)
+
+    def record(self, usage: Usage) -> None:
+        """Write this process's totals so far (called with the meter's lock held, so rows only grow)."""
+        with self._lock:
+            try:
+                with self._conn:
+                    self._conn.execute(f"INSERT OR REPLACE INTO spend (id, started, updated, {', '.join(USAGE_KEYS)}) "
+                                       f"VALUES (?, ?, ?, {', '.join('?' * len(USAGE_KEYS))})",
+                                       (self.id, self.started, time.time(), *usage.as_tuple()))
+            except sqlite3.Error as exc:  # a full disk must not stop the grading; the checkpoint still counts
+                if not self._warned:
+                    self._warned = True
+                    logger.warning("cannot write the teacher's spend to %s (%s): a crash before the next checkpoint "
+                                   "would forget what was spent since the last one", self.path, exc)
+
+    def before(self, started: float) -> Usage | None:
+        """The spend of every process that started before STARTED (the run's earlier sessions); None: no row."""
+        with self._lock:
+            row = self._conn.execute(f"SELECT COUNT(*), {', '.join(f'SUM({k})' for k in USAGE_KEYS)} FROM spend "
+                                     "WHERE started < ?", (started,)).fetchone()
+        return None if not row[0] else Usage(*(int(v or 0) for v in row[1:]))
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
