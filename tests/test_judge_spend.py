@@ -190,3 +190,30 @@ class TestSpendSurvivesACrash:
         assert last["judge/total_prompt_tokens"] == sum(e["usage"]["prompt_tokens"] for e in billed)
         assert last["judge/total_completion_tokens"] == sum(e["usage"]["completion_tokens"] for e in billed)
         assert "Teacher spend after the checkpoint, before the run stopped" in log
+
+
+class TestOnBudgetEnd:
+    def test_verifier_only_trains_on_with_the_verifiers_after_the_budget(self, tiny_model, tmp_path):
+        with TeacherServer(mode="scripted") as server:
+            done = train_cli(tiny_model, tmp_path, server, total_steps=6, save_steps=100, teacher_max_total_tokens=3000,
+                             on_budget_end="verifier_only", verifier_format_weight=1.0)
+            served = server.stats()["chat_requests"]
+        assert done.returncode == 0, done.stderr[-3000:]
+        run = tmp_path / "run"
+        metrics = [m for m in read_jsonl(run / "metrics.jsonl") if "judge/total_calls" in m]
+        assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]  # not stopped
+        switched = [m["step"] for m in metrics if m.get("judge/verifier_only")]
+        assert switched and switched == list(range(switched[0], 7)) and switched[0] < 6
+        said = [line for line in done.stderr.splitlines() if "on_budget_end: verifier_only" in line]
+        assert len(said) == 1 and f"from step {switched[0] + 1} on" in said[0]
+        assert all(m["judge/calls"] == 0 for m in metrics if m["step"] > switched[0])  # the teacher is not asked
+        assert metrics[-1]["judge/total_calls"] == served
+        after = [r for r in read_jsonl(run / "rollouts.jsonl") if r["step"] > switched[0] + 1]
+        assert after and all(r["judge_status"] is None and r["reward"] == float(r["format_correct"]) for r in after)
+        html = build_report(run, output=tmp_path / "r.html").read_text()
+        assert f"verifiers only from step</span><b>{switched[0]}<" in html
+
+    def test_verifier_only_without_a_verifier_is_a_config_error(self):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, ["on_budget_end=verifier_only", "verifier_answer_weight=0", "verifier_format_weight=0"])
+        assert str(info.value).startswith("on_budget_end: verifier_only, but no verifier has weight")

@@ -55,6 +55,9 @@ class TeacherRubricReward:
         self.last_judge_wall_s = 0.0  # judging time of the last scored batch, start to finish
         self.last_judge_wait_s = 0.0  # the part of it the trainer waited for (the rest overlapped other work)
         self._ahead: dict[tuple, concurrent.futures.Future] = {}
+        # on_budget_end: verifier_only, once the run's teacher budget is spent (training/judge_spend.py): no more
+        # teacher calls, and every batch is rewarded by the verifiers alone.
+        self.verifier_only = False
 
     @staticmethod
     def _columns(prompts, completions, answer, question):
@@ -65,7 +68,7 @@ class TeacherRubricReward:
 
     def judge_in_background(self, loop, prompts, completions, rows: list[dict]) -> None:
         """Start grading a sampled batch on LOOP now; the call that later scores the same batch awaits it."""
-        if self.cfg.teacher_weight <= 0 or self.teacher is None:
+        if self.cfg.teacher_weight <= 0 or self.teacher is None or self.verifier_only:
             return
         answer = [r.get("answer") for r in rows] if rows and "answer" in rows[0] else None
         question = [r.get("question") for r in rows] if rows and "question" in rows[0] else None
@@ -88,6 +91,10 @@ class TeacherRubricReward:
         else:
             judgements, self.last_judge_wall_s = await self._judge(questions, texts, truths)
         self.last_judge_wait_s = min(self.last_judge_wall_s, time.perf_counter() - wait_from)
+        if self.cfg.on_budget_end == "verifier_only" and (
+                self.verifier_only or any(j is not None and j.status == "budget_spent" for j in judgements)):
+            # The whole batch on the verifiers, so that no group mixes teacher-graded and verifier-only rewards.
+            judgements = [None] * len(texts)
         rows = [self.score(j, t, g) for j, t, g in zip(judgements, texts, truths, strict=True)]
         if self.recorder is not None:
             self.recorder.add_local(prompts, questions, texts, truths, judgements, rows)
@@ -98,7 +105,7 @@ class TeacherRubricReward:
 
     async def _judge(self, questions, texts, truths) -> tuple[list[Judgement | None], float]:
         """The teacher's judgements of a batch, and the wall time they took."""
-        if self.cfg.teacher_weight <= 0 or self.teacher is None:
+        if self.cfg.teacher_weight <= 0 or self.teacher is None or self.verifier_only:
             return [None] * len(texts), 0.0
         requests = [JudgeRequest(q, t, g) for q, t, g in zip(questions, texts, truths, strict=True)]
         start = time.perf_counter()

@@ -14,6 +14,7 @@ from grpo_llm_eval.teacher.grading.rubric import SEED_EVALUATION_PROMPT
 
 SEED_SYSTEM_PROMPT = "Respond in the following format:\n<think>\n...\n</think>\n...\n$\\boxed{answer}$"
 BUNDLED_STUDENT = "bundled:smollm2-135m-instruct"
+BUDGET_ENDS = ("stop", "verifier_only")  # on_budget_end
 
 
 def _f(default: Any, help: str, **extra: Any) -> Any:
@@ -104,6 +105,7 @@ class Config:
     teacher_price_cached_input_per_mtok: float | None = _f(None, "Price of the prompt tokens the server reports read from its prompt cache (usage.prompt_tokens_details.cached_tokens), US dollars per million; unset (null): the input price. Hosted APIs bill them at 0.1x to 0.5x the input price.", min=0.0)
     teacher_max_total_tokens: int = _f(0, "Stop training (with a checkpoint and final/) once the teacher has used this many prompt + completion tokens in the run, resumes included; 0: no limit.", min=0)
     teacher_max_cost_usd: float = _f(0.0, "Stop training (with a checkpoint and final/) once the teacher has cost this many US dollars (needs the prices); 0: no limit.", min=0.0)
+    on_budget_end: str = _f("stop", "What a spent teacher budget (teacher_max_total_tokens, teacher_max_cost_usd) does: stop (with a checkpoint and final/), or verifier_only: train on with the verifiers' rewards alone (needs verifier_answer_weight or verifier_format_weight > 0); the switch is logged once and marked judge/verifier_only in metrics.jsonl and the report.", choices=BUDGET_ENDS)
     teacher_structured_output: bool = _f(False, "Ask for JSON-schema-constrained grades (response_format); falls back if refused.")
     teacher_logprob_scores: bool = _f(False, "Score = probability-weighted mean over score tokens (openai: needs top_logprobs; local: JSON keys forced, no grammar decoding).")
     teacher_weight: float = _f(1.0, "Weight of the teacher's rubric reward among all rewards.", min=0.0)

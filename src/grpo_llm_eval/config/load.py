@@ -309,6 +309,10 @@ def validate(data: dict) -> Config:
     if cfg.teacher_max_cost_usd > 0 and not (cfg.teacher_price_input_per_mtok or cfg.teacher_price_output_per_mtok):
         problems.append(f"teacher_max_cost_usd: {cfg.teacher_max_cost_usd!r} but no price is set, so no cost is ever "
                         "counted; set teacher_price_input_per_mtok and teacher_price_output_per_mtok.")
+    if cfg.on_budget_end == "verifier_only" and cfg.verifier_answer_weight + cfg.verifier_format_weight <= 0:
+        problems.append("on_budget_end: verifier_only, but no verifier has weight (verifier_answer_weight and "
+                        "verifier_format_weight are 0), so nothing would be rewarded once the budget is spent; set one "
+                        "of them > 0, or on_budget_end: stop.")
     rewards = cfg.teacher_weight + cfg.verifier_answer_weight + cfg.verifier_format_weight
     if rewards <= 0:
         problems.append("teacher_weight, verifier_answer_weight, verifier_format_weight: all 0, so nothing is rewarded; set one > 0.")

@@ -223,6 +223,9 @@ def overview(cfg: dict, metrics: list[dict], rollouts: list[dict]) -> str:
             cards.append(("cached prompt share", f"{cached / prompt:.1%}"))
         if isinstance(spent.get("judge/total_cost_usd"), (int, float)):
             cards.append(("teacher cost (US$)", spent["judge/total_cost_usd"]))
+    switched = next((r["step"] for r in metrics if r.get("judge/verifier_only") and isinstance(r.get("step"), int)), None)
+    if switched is not None:  # on_budget_end: verifier_only
+        cards.append(("teacher budget spent: verifiers only from step", switched))
     inner = "".join(f"<div class=\"card\"><span class=\"muted\">{escape(k)}</span><b>{escape(_fmt(v) or 'n/a')}</b></div>"
                     for k, v in cards)
     return f"<h2 id=\"overview\">Overview</h2><div class=\"cards\">{inner}</div>"

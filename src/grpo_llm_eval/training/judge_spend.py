@@ -99,12 +99,21 @@ class JudgeSpend(TrainerCallback):
         for name, value in usage_metrics(self.total, prices, "judge/total_").items():
             metrics[name] = [value]  # a total, not averaged over the logging window: the latest is the value
         reason = self.meter.budgets.spent(self.total, prices)
-        if reason is not None and state.global_step < state.max_steps:
+        if reason is not None and self.trainer.run_cfg.on_budget_end == "verifier_only":
+            # The same totals on every process, so every process switches at the same step end.
+            if self.spent is None:
+                logger.info("Teacher budget %s; from step %d on, the reward is the verifiers' alone "
+                            "(on_budget_end: verifier_only).", reason, state.global_step + 1)
+            self.spent = reason
+            self.trainer.teacher_reward.verifier_only = True
+        elif reason is not None and state.global_step < state.max_steps:
             control.should_save = True
             control.should_training_stop = True
             if self.spent is None:
                 logger.info("Teacher budget %s; stopping after step %d.", reason, state.global_step)
             self.spent = reason
+        if self.trainer.teacher_reward is not None and self.trainer.teacher_reward.verifier_only:
+            metrics["judge/verifier_only"] = [1.0]  # the steps after the switch (the teacher is no longer asked)
 
     def on_train_end(self, args, state, control, **kwargs):
         total = self._run_total()  # every process takes part in the sum
