@@ -182,3 +182,27 @@ class TestOptionsLearnedInTheHealthCheck:
         assert all(j.ok for j in judgements)
         assert batch["chat_requests"] == 8 and "400" not in batch["responses"]
         assert all(e["structured"] for e in batch["log"])  # json_object with the schema, not plain text
+
+
+class TestBudgetAcrossProcesses:
+    def test_a_busy_process_may_spend_what_an_idle_one_leaves_and_the_total_holds(self, tmp_path):
+        """Issue 26 item 5: each process refused calls at 1/n of the budget, so with uneven load one process's
+        completions were masked while the run had budget left. With the spend ledger every process checks the
+        run's total. Two teachers of a 2-process run share one ledger file; only the first grades."""
+        from grpo_llm_eval.teacher.spend_ledger import SpendLedger
+
+        budget = 2400  # the fake teacher's calls take about 240 tokens: about 10 calls
+        with TeacherServer(mode="scripted") as srv:
+            busy, idle = (make_teacher(srv.base_url, teacher_max_total_tokens=budget, teacher_max_concurrency=1)
+                          for _ in range(2))
+            for teacher in (busy, idle):
+                teacher.num_processes = 2
+                teacher.usage.ledger = SpendLedger(tmp_path / "judgements.sqlite")
+            judgements = judge_once(busy, arithmetic(20))
+            spent = sum(e["usage"]["prompt_tokens"] + e["usage"]["completion_tokens"] for e in srv.stats()["log"])
+            [late] = judge_once(idle, arithmetic(1, start=50))  # the run's budget is spent: refused here too
+        ok = sum(j.ok for j in judgements)
+        per_call = spent / ok
+        assert spent >= budget - per_call  # the busy process used the whole budget, not half of it
+        assert spent <= budget + per_call  # and the run's total holds
+        assert late.status == "budget_spent"

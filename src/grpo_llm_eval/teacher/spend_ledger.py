@@ -7,6 +7,10 @@ same SQLite file in WAL mode as the judgement cache, written whether or not the 
 tokens so far, rewritten after every call (`UsageMeter.add`). A committed WAL transaction survives the
 process being killed. A resumed run counts the rows of the processes that started before it: every call any
 earlier session made, up to its last one.
+
+The same rows let each process see the whole run's spend as it happens, so the budgets hold in aggregate:
+a process refuses calls when the run (all processes) has spent the budget, not when it has spent 1/n of it,
+so with uneven load no process is starved while the others leave budget unused (`UsageMeter.admit`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ class SpendLedger:
         self.path = Path(path)
         self.id = uuid.uuid4().hex
         self.started = time.time()  # wall clock: rows are compared across processes and sessions
+        # When this session's first process started (agreed on resume, judge_spend.py); 0: every row is this
+        # session's (a new run).
+        self.session_start = 0.0
         self._lock = threading.Lock()
         self._warned = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,6 +74,14 @@ class SpendLedger:
             row = self._conn.execute(f"SELECT COUNT(*), {', '.join(f'SUM({k})' for k in USAGE_KEYS)} FROM spend "
                                      "WHERE started < ?", (started,)).fetchone()
         return None if not row[0] else Usage(*(int(v or 0) for v in row[1:]))
+
+    def session_total(self) -> Usage:
+        """The spend of this session's processes so far (rows started at `session_start` or later): every process
+        writes its row as it goes, so this is the run-wide spend of the session, read by each process's budget."""
+        with self._lock:
+            row = self._conn.execute(f"SELECT {', '.join(f'SUM({k})' for k in USAGE_KEYS)} FROM spend "
+                                     "WHERE started >= ?", (self.session_start,)).fetchone()
+        return Usage(*(int(v or 0) for v in row))
 
     def close(self) -> None:
         with self._lock:

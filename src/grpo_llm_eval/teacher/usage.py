@@ -3,8 +3,9 @@
 Counted per call (every request sent, retries and refused options included; a cached grade sends none),
 so a call that grades several completions at once counts once. Backends add to a `UsageMeter`; the
 trainer reads its totals at each step end (summed over processes), writes them to metrics.jsonl and
-stops the run when a budget is spent. The meter also refuses new calls once this process's share of a
-budget is spent, so the calls of batches judged ahead cannot run far past it.
+stops the run when a budget is spent. The meter also refuses new calls once the budget is spent, so the
+calls of batches judged ahead cannot run far past it: during training it reads the whole run's spend from
+the spend ledger (spend_ledger.py) that every process writes, elsewhere this process's share.
 """
 
 from __future__ import annotations
@@ -134,7 +135,8 @@ class BudgetSpent(Exception):
 class UsageMeter:
     """Running totals of one process's teacher calls (thread-safe), and the gate that enforces the budgets.
 
-    `before` is what a resumed run had spent (the whole run's); `share` is this process's part of each
+    `before` is what a resumed run had spent (the whole run's). With a `ledger` (training) every process reads
+    the run's spend from it and checks the whole budget; without one, `share` is this process's part of each
     budget (1 / processes), so the processes together stop near the budget without talking to each other.
     """
 
@@ -169,14 +171,23 @@ class UsageMeter:
         with self._lock:
             return self._usage
 
-    def _mine(self) -> Usage:
-        """This process's part of the run's spend: its share of `before` plus its own calls."""
-        return Usage(*(round(v * self.share) for v in self.before.as_tuple())) + self._usage
+    def _mine(self) -> tuple[Usage, float]:
+        """(the spend this process checks against the budgets, the part of each budget it checks it against).
+
+        With a ledger (training): the whole run's spend, every process's calls as written so far, against the
+        whole budget. Without: this process's share of `before` plus its own calls, against its share."""
+        if self.ledger is not None and self._budgeted():  # no budget: no read
+            return self.before + self.ledger.session_total(), 1.0
+        return Usage(*(round(v * self.share) for v in self.before.as_tuple())) + self._usage, self.share
+
+    def _budgeted(self) -> bool:
+        return self.budgets.max_total_tokens > 0 or (self.budgets.max_cost_usd > 0 and self.prices.priced)
 
     def check(self) -> None:
-        """Raise BudgetSpent when this process's share of a budget is spent (counting its share of `before`)."""
+        """Raise BudgetSpent when this process's part of a budget is spent (see `_mine`)."""
         with self._lock:
-            reason = self.budgets.spent(self._mine(), self.prices, self.share)
+            mine, share = self._mine()
+            reason = self.budgets.spent(mine, self.prices, share)
         if reason is not None:
             raise BudgetSpent(reason)
 
@@ -188,11 +199,11 @@ class UsageMeter:
         whole batch past its budget; with it, it ends at most about one call past.
         """
         with self._lock:
-            mine = self._mine()
-            reason = self.budgets.spent(mine, self.prices, self.share)
+            mine, share = self._mine()
+            reason = self.budgets.spent(mine, self.prices, share)
             if reason is not None:
                 raise BudgetSpent(reason)
-            if self._reserved.calls and self.budgets.spent(mine + self._reserved, self.prices, self.share):
+            if self._reserved.calls and self.budgets.spent(mine + self._reserved, self.prices, share):
                 return False
             self._reserved = self._reserved + Usage(1, prompt_tokens, completion_tokens)
             return True

@@ -45,7 +45,10 @@ class JudgeSpend(TrainerCallback):
         """What the run spent before a resume: counted in the totals and against the budgets. SPENT_BEFORE: the
         checkpoint's totals; the ledger's rows of earlier sessions add what was spent after that checkpoint."""
         ledger = self.meter.ledger
-        earlier = ledger.before(self._session_start()) if ledger is not None else None
+        earlier = None
+        if ledger is not None:
+            ledger.session_start = self._session_start()  # rows from then on: this session's, for the budgets
+            earlier = ledger.before(ledger.session_start)
         if earlier is not None:
             counted = Usage(*(max(a, b) for a, b in zip(spent_before.as_tuple(), earlier.as_tuple(), strict=True)))
             extra = counted - spent_before
