@@ -198,6 +198,7 @@ class TestBudgetAcrossProcesses:
             for teacher in (busy, idle):
                 teacher.num_processes = 2
                 teacher.usage.ledger = SpendLedger(tmp_path / "judgements.sqlite")
+                teacher.usage.aggregate = True  # as JudgeSpend.on_train_begin sets it when the file is shared
             judgements = judge_once(busy, arithmetic(20))
             spent = sum(e["usage"]["prompt_tokens"] + e["usage"]["completion_tokens"] for e in srv.stats()["log"])
             [late] = judge_once(idle, arithmetic(1, start=50))  # the run's budget is spent: refused here too

@@ -83,6 +83,11 @@ class SpendLedger:
                                      "WHERE started >= ?", (self.session_start,)).fetchone()
         return Usage(*(int(v or 0) for v in row))
 
+    def session_rows(self) -> int:
+        """How many processes of this session have a row in this file (all of them: the file is shared)."""
+        with self._lock:
+            return self._conn.execute("SELECT COUNT(*) FROM spend WHERE started >= ?", (self.session_start,)).fetchone()[0]
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()

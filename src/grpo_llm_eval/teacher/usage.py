@@ -150,6 +150,7 @@ class UsageMeter:
         # Requests per teacher replica; sized by the openai backend when it has several (the same on every process).
         self.endpoint_calls: list[int] = []
         self.ledger = None  # spend_ledger.SpendLedger, during training: every call written down as it is counted
+        self.aggregate = False  # check the run's total from the ledger (every process writes to the same file)
         self._lock = threading.Lock()
 
     @classmethod
@@ -176,7 +177,7 @@ class UsageMeter:
 
         With a ledger (training): the whole run's spend, every process's calls as written so far, against the
         whole budget. Without: this process's share of `before` plus its own calls, against its share."""
-        if self.ledger is not None and self._budgeted():  # no budget: no read
+        if self.aggregate and self.ledger is not None and self._budgeted():  # no budget: no read
             return self.before + self.ledger.session_total(), 1.0
         return Usage(*(round(v * self.share) for v in self.before.as_tuple())) + self._usage, self.share
 

@@ -87,6 +87,20 @@ class JudgeSpend(TrainerCallback):
         self._endpoints = summed[len(mine):]
         return self._before + Usage(*summed[:len(mine)])
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Check the budgets against the run's total where every process writes to the same ledger file; on
+        machines that do not share the run folder each process keeps its 1/n share of each budget instead."""
+        ledger = self.meter.ledger
+        if ledger is None:
+            return
+        accelerator = self.trainer.accelerator
+        accelerator.wait_for_everyone()  # every process has written its row (in __init__)
+        rows = ledger.session_rows()
+        self.meter.aggregate = rows == accelerator.num_processes
+        if not self.meter.aggregate:
+            logger.info("The processes do not share %s (%d of %d rows in this one): each keeps 1/%d of the teacher "
+                        "budgets.", ledger.path, rows, accelerator.num_processes, accelerator.num_processes)
+
     def on_step_end(self, args, state, control, **kwargs):
         self.total = self._run_total()
         step, self._last = self.total - self._last, self.total
