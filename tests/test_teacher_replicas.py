@@ -121,3 +121,26 @@ def test_replicas_serve_several_event_loops():
         for start in (0, 4):
             assert all(j.ok for j in asyncio.run(teacher.judge(arithmetic(4, start))))
         asyncio.run(teacher.aclose())
+
+
+def test_a_training_run_loses_no_grade_when_a_replica_dies_and_logs_calls_by_endpoint(tiny_model, tmp_path):
+    import subprocess
+    import sys
+
+    from grpo_llm_eval.training.records import read_jsonl
+    from tests.conftest import tiny_overrides
+
+    with TeacherServer(mode="scripted", latency_s=0.05, die_after=6) as a, TeacherServer(mode="scripted") as b:
+        args = [sys.executable, "-m", "grpo_llm_eval.cli", "train"]
+        for s in tiny_overrides(tiny_model, tmp_path, openai_base_url=[a.base_url, b.base_url], total_steps=3,
+                                save_steps=100, teacher_max_retries=0):
+            args += ["--set", s]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+        served = chat_requests(a), chat_requests(b)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    assert all(r["judge_status"] == "ok" for r in read_jsonl(run / "rollouts.jsonl"))  # no retries: failover only
+    rows = [m for m in read_jsonl(run / "metrics.jsonl") if "judge/calls" in m]
+    by_endpoint = [sum(m[f"judge/calls_by_endpoint/{i}"] for m in rows) for i in (0, 1)]
+    assert sum(by_endpoint) == sum(m["judge/calls"] for m in rows)
+    assert by_endpoint[0] >= served[0] >= 6 and by_endpoint[1] == served[1] > by_endpoint[0]  # the calls moved to B
