@@ -207,3 +207,43 @@ class TestBudgetAcrossProcesses:
         assert spent >= budget - per_call  # the busy process used the whole budget, not half of it
         assert spent <= budget + per_call  # and the run's total holds
         assert late.status == "budget_spent"
+
+
+class TestRateLimitsAcrossProcesses:
+    """Issue 26 item 5, the limits half: limit / n per process starved a busy process beside an idle one, and a
+    teacher_rpm below the process count overshot (each share floored at 1). With the shared ledger the window is
+    the run's. Two teachers of a 2-process run share one ledger file, as JudgeSpend.on_train_begin sets them up."""
+
+    @staticmethod
+    def pair(url: str, tmp_path, **settings):
+        from grpo_llm_eval.teacher.spend_ledger import SpendLedger
+
+        teachers = [make_teacher(url, teacher_max_concurrency=8, **settings) for _ in range(2)]
+        for teacher in teachers:
+            teacher.num_processes = 2
+            teacher.usage.ledger = SpendLedger(tmp_path / "judgements.sqlite")
+            teacher.usage.aggregate = True
+        return teachers
+
+    def test_a_busy_process_gets_the_whole_limit_when_the_other_is_idle(self, tmp_path):
+        with TeacherServer(mode="scripted") as srv:
+            busy, _idle = self.pair(srv.base_url, tmp_path, teacher_rpm=4)
+            assert all(j.ok for j in judge_once(busy, arithmetic(8)))
+            times = [e["t"] for e in srv.stats()["log"]]
+        assert busiest_window(times, WINDOW_S * 0.95) == 4  # not 2, its 1/2 share
+
+    def test_a_limit_below_the_process_count_holds(self, tmp_path):
+        import threading
+
+        with TeacherServer(mode="scripted") as srv:
+            teachers = self.pair(srv.base_url, tmp_path, teacher_rpm=1)
+            results = {}
+            threads = [threading.Thread(target=lambda i=i: results.update({i: judge_once(teachers[i], arithmetic(2, 10 * i))}))
+                       for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            times = [e["t"] for e in srv.stats()["log"]]
+        assert all(j.ok for i in (0, 1) for j in results[i])
+        assert busiest_window(times, WINDOW_S * 0.95) == 1  # per-process shares floored at 1 let 2 through

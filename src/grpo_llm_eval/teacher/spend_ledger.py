@@ -91,3 +91,64 @@ class SpendLedger:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+class SharedWindow:
+    """`limits.SlidingWindow` for all the processes of a run at once, kept in the ledger's file: at most LIMIT
+    units (requests, or tokens) in any WINDOW_S, counted as SlidingWindow counts them (from the send until
+    WINDOW_S after the answer), whichever process sends. Check and take are one IMMEDIATE transaction, so two
+    processes cannot both take the last room. Entries of earlier sessions (a crashed process's calls in flight
+    would otherwise hold their room for ever) are dropped when the window is opened."""
+
+    _SCHEMA = ("CREATE TABLE IF NOT EXISTS rate_window (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, "
+               "sent REAL NOT NULL, ends REAL NOT NULL, amount REAL NOT NULL)")
+    _IN_FLIGHT = 1e300
+
+    def __init__(self, path: str | Path, name: str, limit: float, window_s: float, session_start: float):
+        self.name, self.limit, self.window_s = name, float(limit), float(window_s)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None)
+        self._conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+        self._conn.execute(self._SCHEMA)
+        self._conn.execute("DELETE FROM rate_window WHERE name = ? AND sent < ?", (name, session_start))
+
+    def _try(self, amount: float) -> tuple[float, int | None]:
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                now = time.time()
+                conn.execute("DELETE FROM rate_window WHERE name = ? AND ends <= ?", (self.name, now - self.window_s))
+                rows = conn.execute("SELECT ends, amount FROM rate_window WHERE name = ?", (self.name,)).fetchall()
+                used = sum(a for _, a in rows)
+                if used + amount <= self.limit or not rows:
+                    cur = conn.execute("INSERT INTO rate_window (name, sent, ends, amount) VALUES (?, ?, ?, ?)",
+                                       (self.name, now, self._IN_FLIGHT, float(amount)))
+                    return 0.0, cur.lastrowid
+                need, freed = used + amount - self.limit, 0.0
+                for ends, size in sorted(r for r in rows if r[0] < self._IN_FLIGHT):
+                    freed += size
+                    if freed >= need:
+                        return max(1e-3, ends + self.window_s - now), None
+                return 0.05, None
+            finally:
+                conn.execute("COMMIT")
+
+    async def acquire(self, amount: float = 1.0) -> int:
+        """Wait until AMOUNT fits in the run's window and take it; returns its entry (for `finish`)."""
+        import asyncio
+
+        while True:
+            wait, entry = self._try(amount)
+            if entry is not None:
+                return entry
+            await asyncio.sleep(wait)
+
+    def finish(self, entry: int, amount: float | None = None) -> None:
+        """The request of ENTRY has ended; AMOUNT: its real size, when known."""
+        with self._lock:
+            if amount is None:
+                self._conn.execute("UPDATE rate_window SET ends = ? WHERE id = ?", (time.time(), entry))
+            else:
+                self._conn.execute("UPDATE rate_window SET ends = ?, amount = ? WHERE id = ?",
+                                   (time.time(), float(amount), entry))
