@@ -271,3 +271,13 @@ class TestTwoProcesses:
         ends = {d["end"] for d in digests}
         assert len(ends) == 1, "the processes' weights diverged"
         assert ends != {initial}, "the update did not change the weights"
+
+    def test_each_process_writes_its_spend_to_the_shared_ledger_and_checks_the_runs_total(self, launched):
+        run = _ok(launched)
+        with sqlite3.connect(run / "judgements.sqlite") as conn:
+            rows = conn.execute("SELECT calls, prompt_tokens FROM spend").fetchall()
+        last = [m for m in read_jsonl(run / "metrics.jsonl") if "judge/total_calls" in m][-1]
+        assert len(rows) == PROCESSES and all(calls > 0 for calls, _ in rows)
+        assert sum(calls for calls, _ in rows) == last["judge/total_calls"] == launched["stats"]["chat_requests"]
+        assert sum(tokens for _, tokens in rows) == last["judge/total_prompt_tokens"]
+        assert "do not share" not in launched["proc"].stderr  # so the budgets are checked against the run's total

@@ -55,6 +55,20 @@ class TestUsageAccounting:
         assert Prices(0.15, 0.60).cost_usd(usage) == pytest.approx(0.3 + 0.3)
         assert not Prices().priced
 
+    def test_cached_prompt_tokens_are_what_the_server_reported_and_cost_their_price(self):
+        with TeacherServer(mode="scripted", prefix_cache=True, cache_block=4) as srv:
+            teacher = make_teacher(srv.base_url, teacher_max_concurrency=1, teacher_price_input_per_mtok=2.0,
+                                   teacher_price_output_per_mtok=8.0, teacher_price_cached_input_per_mtok=0.5)
+            assert all(j.ok for j in judge_once(teacher, arithmetic(6)))
+            log = [e["usage"] for e in srv.stats()["log"]]
+        usage = teacher.usage.usage
+        cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in log)
+        assert log[0]["prompt_tokens_details"]["cached_tokens"] == 0  # nothing cached before the first call
+        assert usage.cached_prompt_tokens == cached and 0 < cached < usage.prompt_tokens
+        full = Prices(2.0, 8.0).cost_usd(usage)  # unset cached price: the input price, as before
+        assert full == pytest.approx((2.0 * usage.prompt_tokens + 8.0 * usage.completion_tokens) / 1e6)
+        assert teacher.usage.prices.cost_usd(usage) == pytest.approx(full - 1.5 * cached / 1e6)
+
 
 class TestBudget:
     def test_no_call_is_sent_once_the_token_budget_is_spent(self):
@@ -168,3 +182,68 @@ class TestOptionsLearnedInTheHealthCheck:
         assert all(j.ok for j in judgements)
         assert batch["chat_requests"] == 8 and "400" not in batch["responses"]
         assert all(e["structured"] for e in batch["log"])  # json_object with the schema, not plain text
+
+
+class TestBudgetAcrossProcesses:
+    def test_a_busy_process_may_spend_what_an_idle_one_leaves_and_the_total_holds(self, tmp_path):
+        """Issue 26 item 5: each process refused calls at 1/n of the budget, so with uneven load one process's
+        completions were masked while the run had budget left. With the spend ledger every process checks the
+        run's total. Two teachers of a 2-process run share one ledger file; only the first grades."""
+        from grpo_llm_eval.teacher.spend_ledger import SpendLedger
+
+        budget = 2400  # the fake teacher's calls take about 240 tokens: about 10 calls
+        with TeacherServer(mode="scripted") as srv:
+            busy, idle = (make_teacher(srv.base_url, teacher_max_total_tokens=budget, teacher_max_concurrency=1)
+                          for _ in range(2))
+            for teacher in (busy, idle):
+                teacher.num_processes = 2
+                teacher.usage.ledger = SpendLedger(tmp_path / "judgements.sqlite")
+                teacher.usage.aggregate = True  # as JudgeSpend.on_train_begin sets it when the file is shared
+            judgements = judge_once(busy, arithmetic(20))
+            spent = sum(e["usage"]["prompt_tokens"] + e["usage"]["completion_tokens"] for e in srv.stats()["log"])
+            [late] = judge_once(idle, arithmetic(1, start=50))  # the run's budget is spent: refused here too
+        ok = sum(j.ok for j in judgements)
+        per_call = spent / ok
+        assert spent >= budget - per_call  # the busy process used the whole budget, not half of it
+        assert spent <= budget + per_call  # and the run's total holds
+        assert late.status == "budget_spent"
+
+
+class TestRateLimitsAcrossProcesses:
+    """Issue 26 item 5, the limits half: limit / n per process starved a busy process beside an idle one, and a
+    teacher_rpm below the process count overshot (each share floored at 1). With the shared ledger the window is
+    the run's. Two teachers of a 2-process run share one ledger file, as JudgeSpend.on_train_begin sets them up."""
+
+    @staticmethod
+    def pair(url: str, tmp_path, **settings):
+        from grpo_llm_eval.teacher.spend_ledger import SpendLedger
+
+        teachers = [make_teacher(url, teacher_max_concurrency=8, **settings) for _ in range(2)]
+        for teacher in teachers:
+            teacher.num_processes = 2
+            teacher.usage.ledger = SpendLedger(tmp_path / "judgements.sqlite")
+            teacher.usage.aggregate = True
+        return teachers
+
+    def test_a_busy_process_gets_the_whole_limit_when_the_other_is_idle(self, tmp_path):
+        with TeacherServer(mode="scripted") as srv:
+            busy, _idle = self.pair(srv.base_url, tmp_path, teacher_rpm=4)
+            assert all(j.ok for j in judge_once(busy, arithmetic(8)))
+            times = [e["t"] for e in srv.stats()["log"]]
+        assert busiest_window(times, WINDOW_S * 0.95) == 4  # not 2, its 1/2 share
+
+    def test_a_limit_below_the_process_count_holds(self, tmp_path):
+        import threading
+
+        with TeacherServer(mode="scripted") as srv:
+            teachers = self.pair(srv.base_url, tmp_path, teacher_rpm=1)
+            results = {}
+            threads = [threading.Thread(target=lambda i=i: results.update({i: judge_once(teachers[i], arithmetic(2, 10 * i))}))
+                       for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            times = [e["t"] for e in srv.stats()["log"]]
+        assert all(j.ok for i in (0, 1) for j in results[i])
+        assert busiest_window(times, WINDOW_S * 0.95) == 1  # per-process shares floored at 1 let 2 through

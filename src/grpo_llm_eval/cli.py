@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     train = sub.add_parser("train", help="train the student (the default command)")
     _common(train)
-    train.add_argument("--dry-run", action="store_true", help="validate, print the resolved config, load nothing")
+    train.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and an estimate of the teacher's calls, tokens and cost "
+                       "(reads a sample of the data; loads no model)")
     train.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                        help="resume the run: the latest checkpoint in its folder, or the checkpoint PATH")
     judge = sub.add_parser("judge", help="grade existing responses with the teacher")
@@ -130,6 +131,9 @@ def run_train(args) -> int:
         cfg, checkpoint = load_config(args.config, args.overrides), None
     if args.dry_run:
         sys.stdout.write(dump_yaml(cfg))
+        from grpo_llm_eval.training.estimate import estimate_lines
+
+        sys.stdout.write("\n".join(estimate_lines(cfg)) + "\n")  # YAML comments: the output still loads
         return 0
     from grpo_llm_eval.training.train import train
 

@@ -62,6 +62,9 @@ class TeacherRubricReward:
         # Judging started ahead, per batch content, oldest first: two batches of identical (question, text) tuples
         # (a collapsed policy) each keep their own paid call, scored in the order they were sampled.
         self._ahead: dict[tuple, collections.deque[concurrent.futures.Future]] = {}
+        # on_budget_end: verifier_only, once the run's teacher budget is spent (training/judge_spend.py): no more
+        # teacher calls, and every batch is rewarded by the verifiers alone.
+        self.verifier_only = False
 
     @staticmethod
     def _columns(prompts, completions, answer, question, rubric=None):
@@ -74,7 +77,7 @@ class TeacherRubricReward:
 
     def judge_in_background(self, loop, prompts, completions, rows: list[dict]) -> None:
         """Start grading a sampled batch on LOOP now; the call that later scores the same batch awaits it."""
-        if self.cfg.teacher_weight <= 0 or self.teacher is None:
+        if self.cfg.teacher_weight <= 0 or self.teacher is None or self.verifier_only:
             return
         answer = [r.get("answer") for r in rows] if rows and "answer" in rows[0] else None
         question = [r.get("question") for r in rows] if rows and "question" in rows[0] else None
@@ -104,6 +107,10 @@ class TeacherRubricReward:
         else:
             judgements, self.last_judge_wall_s = await self._judge(questions, texts, truths, items)
         self.last_judge_wait_s = min(self.last_judge_wall_s, time.perf_counter() - wait_from)
+        if self.cfg.on_budget_end == "verifier_only" and (
+                self.verifier_only or any(j is not None and j.status == "budget_spent" for j in judgements)):
+            # The whole batch on the verifiers, so that no group mixes teacher-graded and verifier-only rewards.
+            judgements = [None] * len(texts)
         rows = [self.score(j, t, g, i) for j, t, g, i in zip(judgements, texts, truths, items, strict=True)]
         if self.recorder is not None:
             self.recorder.add_local(prompts, questions, texts, truths, judgements, rows)
@@ -114,7 +121,7 @@ class TeacherRubricReward:
 
     async def _judge(self, questions, texts, truths, items) -> tuple[list[Judgement | None], float]:
         """The teacher's judgements of a batch, and the wall time they took."""
-        if self.cfg.teacher_weight <= 0 or self.teacher is None:
+        if self.cfg.teacher_weight <= 0 or self.teacher is None or self.verifier_only:
             return [None] * len(texts), 0.0
         requests = [JudgeRequest(q, t, g, rubric=i) for q, t, g, i in zip(questions, texts, truths, items, strict=True)]
         start = time.perf_counter()

@@ -14,6 +14,7 @@ from grpo_llm_eval.teacher.grading.rubric import SEED_EVALUATION_PROMPT
 
 SEED_SYSTEM_PROMPT = "Respond in the following format:\n<think>\n...\n</think>\n...\n$\\boxed{answer}$"
 BUNDLED_STUDENT = "bundled:smollm2-135m-instruct"
+BUDGET_ENDS = ("stop", "verifier_only")  # on_budget_end
 
 
 def _f(default: Any, help: str, **extra: Any) -> Any:
@@ -44,7 +45,7 @@ class Config:
     student_model_name: str = _f(BUNDLED_STUDENT, "Student: Hub id, local folder, or bundled:NAME.")
     teacher_model_name: str = _f(BUNDLED_STUDENT, "Teacher model: the served model name (openai) or a model (local).")
     teacher_backend: str = _f("local", "Where the teacher runs.", choices=BACKENDS)
-    openai_base_url: str = _f("", "OpenAI-compatible base URL of the teacher; empty: the openai library's default. Key from OPENAI_API_KEY.")
+    openai_base_url: str | list = _f("", "OpenAI-compatible base URL of the teacher; empty: the openai library's default. Key from OPENAI_API_KEY. A list of URLs (YAML list; on the command line --set 'openai_base_url=[URL1,URL2]') names replicas of one teacher: each call goes to the least-loaded healthy one, a failing one is taken out and probed back in, and its calls go to the others; credentials may differ per URL (user:password@).")
     use_unsloth: bool = _f(False, "Seed key: true warns once (unsloth is not wired: no GPU to verify it, and its TRL range) and loads with transformers and peft.")
     load_in_4bit: bool = _f(False, "Load the student in 4 bit (only where bitsandbytes and CUDA are there; else a warning).")
     lora: LoraSection = field(default_factory=LoraSection, metadata={"help": "LoRA section (see below)."})
@@ -99,12 +100,14 @@ class Config:
     teacher_max_retries: int = _f(3, "Retries of a failed teacher call (backoff honours Retry-After).", min=0)
     teacher_max_concurrency: int = _f(32, "Teacher calls in flight at once across the whole batch (split evenly across processes under accelerate).", min=1)
     teacher_adaptive_concurrency: bool = _f(True, "Halve the teacher calls in flight when calls time out (a server that queues them), and grow them back by one per round of successes, up to teacher_max_concurrency (openai backend).")
-    teacher_rpm: int = _f(0, "Teacher requests per minute for the whole run, retries included (split evenly across processes; openai backend); 0: no limit.", min=0)
-    teacher_tpm: int = _f(0, "Teacher tokens (prompt + completion) per minute for the whole run (split evenly across processes; a call counts its estimate until its usage is known; openai backend); 0: no limit.", min=0)
+    teacher_rpm: int = _f(0, "Teacher requests per minute for the whole run, retries included (one window for all processes where they share the run folder, else split evenly; openai backend); 0: no limit.", min=0)
+    teacher_tpm: int = _f(0, "Teacher tokens (prompt + completion) per minute for the whole run (one window for all processes where they share the run folder, else split evenly; a call counts its estimate until its usage is known; openai backend); 0: no limit.", min=0)
     teacher_price_input_per_mtok: float = _f(0.0, "Price of the teacher's prompt tokens, US dollars per million; with the output price it turns tokens into judge/cost_usd.", min=0.0)
     teacher_price_output_per_mtok: float = _f(0.0, "Price of the teacher's completion tokens, US dollars per million.", min=0.0)
+    teacher_price_cached_input_per_mtok: float | None = _f(None, "Price of the prompt tokens the server reports read from its prompt cache (usage.prompt_tokens_details.cached_tokens), US dollars per million; unset (null): the input price. Hosted APIs bill them at 0.1x to 0.5x the input price.", min=0.0)
     teacher_max_total_tokens: int = _f(0, "Stop training (with a checkpoint and final/) once the teacher has used this many prompt + completion tokens in the run, resumes included; 0: no limit.", min=0)
     teacher_max_cost_usd: float = _f(0.0, "Stop training (with a checkpoint and final/) once the teacher has cost this many US dollars (needs the prices); 0: no limit.", min=0.0)
+    on_budget_end: str = _f("stop", "What a spent teacher budget (teacher_max_total_tokens, teacher_max_cost_usd) does: stop (with a checkpoint and final/), or verifier_only: train on with the verifiers' rewards alone (needs verifier_answer_weight or verifier_format_weight > 0); the switch is logged once and marked judge/verifier_only in metrics.jsonl and the report.", choices=BUDGET_ENDS)
     teacher_structured_output: bool = _f(False, "Ask for JSON-schema-constrained grades (response_format); falls back if refused.")
     teacher_logprob_scores: bool = _f(False, "Score = probability-weighted mean over score tokens (openai: needs top_logprobs; local: JSON keys forced, no grammar decoding).")
     teacher_weight: float = _f(1.0, "Weight of the teacher's rubric reward among all rewards.", min=0.0)

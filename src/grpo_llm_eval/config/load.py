@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import types
 import typing
 from importlib import resources
 from pathlib import Path
@@ -79,6 +80,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def _is_instance(value: Any, hint: Any) -> bool:
     if hint is Any:
         return True
+    if isinstance(hint, types.UnionType):  # e.g. float | None, str | list
+        return any(_is_instance(value, h) for h in typing.get_args(hint))
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
@@ -110,7 +113,7 @@ def _check_section(cls: type, data: dict, prefix: str, problems: list[str]) -> d
                 continue
             values[key] = hint(**_check_section(hint, value, f"{name}.", problems))
             continue
-        if hint is float and isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+        if (hint is float or float in typing.get_args(hint)) and isinstance(value, str) and _FLOAT_RE.match(value.strip()):
             value = float(value)  # YAML 1.1 reads 5e-7 as a string
         if hint is str and value is None:
             value = ""
@@ -118,15 +121,15 @@ def _check_section(cls: type, data: dict, prefix: str, problems: list[str]) -> d
             want = getattr(hint, "__name__", str(hint))
             problems.append(f"{name}: expected {want}, got {value!r} ({type(value).__name__}); write a {want}.")
             continue
-        if hint is float:
+        if (hint is float or float in typing.get_args(hint)) and value is not None:
             value = float(value)
         if "choices" in meta and value not in meta["choices"]:
             problems.append(f"{name}: {value!r} is not one of {', '.join(meta['choices'])}; pick one of them.")
             continue
-        if "min" in meta and value < meta["min"]:
+        if "min" in meta and value is not None and value < meta["min"]:
             problems.append(f"{name}: {value!r} is below the minimum {meta['min']}; use a value >= {meta['min']}.")
             continue
-        if "max" in meta and value > meta["max"]:
+        if "max" in meta and value is not None and value > meta["max"]:
             problems.append(f"{name}: {value!r} is above the maximum {meta['max']}; use a value <= {meta['max']}.")
             continue
         values[key] = value
@@ -264,6 +267,23 @@ def _check_judge_ahead(cfg: Config, problems: list[str]) -> None:
             f"noise even with no lag; set lora.dropout: 0, {fix}.")
 
 
+def _urls(value) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list) else [str(value or "")]
+
+
+def _check_base_url(cfg: Config, problems: list[str]) -> None:
+    """openai_base_url: one URL (a string), or a non-empty list of distinct URLs, the replicas of one teacher."""
+    value = cfg.openai_base_url
+    if isinstance(value, str):
+        return
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+        problems.append(f"openai_base_url: {value!r} is neither a URL nor a list of URLs; write one URL, or a YAML "
+                        "list of the replicas' URLs (--set 'openai_base_url=[http://h1:8000/v1,http://h2:8000/v1]').")
+    elif len({v.strip() for v in value}) != len(value):
+        problems.append(f"openai_base_url: the list repeats a URL ({', '.join(redact_url(v) for v in value)}); "
+                        "name each replica once.")
+
+
 def validate(data: dict) -> Config:
     """Build a Config from a mapping, or raise ConfigError listing every problem."""
     problems: list[str] = []
@@ -278,7 +298,8 @@ def validate(data: dict) -> Config:
         _check_trl(cfg.trl, problems)
         _check_hub(cfg.trl, problems)
     _check_criteria(cfg.criteria, problems)
-    if cfg.teacher_backend == "openai" and is_redacted(cfg.openai_base_url):
+    _check_base_url(cfg, problems)
+    if cfg.teacher_backend == "openai" and any(is_redacted(u) for u in _urls(cfg.openai_base_url)):
         problems.append(
             f"openai_base_url: {cfg.openai_base_url} has its credentials redacted ({REDACTED}), as a run's config.yaml "
             "stores it, so the teacher would be sent the placeholder; give the real URL: resume with --config "
@@ -307,6 +328,11 @@ def validate(data: dict) -> Config:
     if cfg.teacher_max_cost_usd > 0 and not (cfg.teacher_price_input_per_mtok or cfg.teacher_price_output_per_mtok):
         problems.append(f"teacher_max_cost_usd: {cfg.teacher_max_cost_usd!r} but no price is set, so no cost is ever "
                         "counted; set teacher_price_input_per_mtok and teacher_price_output_per_mtok.")
+    verifiers = cfg.verifier_answer_weight + cfg.verifier_format_weight + cfg.verifier_checklist_weight
+    if cfg.on_budget_end == "verifier_only" and verifiers <= 0:
+        problems.append("on_budget_end: verifier_only, but no verifier has weight (verifier_answer_weight, "
+                        "verifier_format_weight and verifier_checklist_weight are 0), so nothing would be rewarded "
+                        "once the budget is spent; set one of them > 0, or on_budget_end: stop.")
     rewards = cfg.teacher_weight + cfg.verifier_answer_weight + cfg.verifier_format_weight + cfg.verifier_checklist_weight
     if rewards <= 0:
         problems.append("teacher_weight, verifier_answer_weight, verifier_format_weight, verifier_checklist_weight: all 0, so nothing is rewarded; set one > 0.")
@@ -342,7 +368,8 @@ def is_redacted(url: str) -> bool:
 def to_dict(cfg: Config) -> dict:
     """The resolved config as plain data, secrets redacted (the API key is never part of it)."""
     data = dataclasses.asdict(cfg)
-    data["openai_base_url"] = redact_url(cfg.openai_base_url)
+    url = cfg.openai_base_url
+    data["openai_base_url"] = [redact_url(u) for u in url] if isinstance(url, list) else redact_url(url)
     return data
 
 

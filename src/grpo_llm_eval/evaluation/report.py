@@ -46,7 +46,8 @@ PLOTS: list[tuple[str, list[tuple[str, str]] | str]] = [
     ("SFT loss on teacher feedback", [("sft_loss", "sft_loss")]),
     ("Judge failure rate", [("judge/failure_rate", "failure rate")]),
     ("Judge latency (s, uncached calls)", [("judge/latency_mean_s", "latency")]),
-    ("Teacher tokens per step", [("judge/prompt_tokens", "prompt"), ("judge/completion_tokens", "completion")]),
+    ("Teacher tokens per step", [("judge/prompt_tokens", "prompt"), ("judge/cached_prompt_tokens", "prompt, cached"),
+                                 ("judge/completion_tokens", "completion")]),
     ("Teacher cost, run total (US$)", [("judge/total_cost_usd", "total"), ("judge/cost_usd", "per step")]),
     ("Share of groups with tied rewards", [("frac_reward_zero_std", "tied groups")]),
     ("Time per step (s)", [("step_time", "step"), ("time/generate_s", "generate"), ("time/judge_s", "judge")]),
@@ -231,8 +232,14 @@ def overview(cfg: dict, metrics: list[dict], rollouts: list[dict]) -> str:
         cards += [("teacher calls", int(spent["judge/total_calls"])),
                   ("teacher tokens", int(spent.get("judge/total_prompt_tokens", 0)
                                          + spent.get("judge/total_completion_tokens", 0)))]
+        prompt, cached = spent.get("judge/total_prompt_tokens", 0), spent.get("judge/total_cached_prompt_tokens")
+        if isinstance(cached, (int, float)) and prompt:  # what the server read from its prompt cache
+            cards.append(("cached prompt share", f"{cached / prompt:.1%}"))
         if isinstance(spent.get("judge/total_cost_usd"), (int, float)):
             cards.append(("teacher cost (US$)", spent["judge/total_cost_usd"]))
+    switched = next((r["step"] for r in metrics if r.get("judge/verifier_only") and isinstance(r.get("step"), int)), None)
+    if switched is not None:  # on_budget_end: verifier_only
+        cards.append(("teacher budget spent: verifiers only from step", switched))
     inner = "".join(f"<div class=\"card\"><span class=\"muted\">{escape(k)}</span><b>{escape(_fmt(v) or 'n/a')}</b></div>"
                     for k, v in cards)
     return f"<h2 id=\"overview\">Overview</h2><div class=\"cards\">{inner}</div>"

@@ -40,12 +40,14 @@ def cache_key(model_name: str, fingerprint: str, flags: dict, request: JudgeRequ
 def flags_from_config(cfg) -> dict:
     """The config options that change what the teacher is asked or what its grade holds, for `cache_key`.
 
-    The server is keyed by its URL without credentials (a rotated password is the same teacher); the local
-    backend has none. Think tags shape the cached feedback (server-side reasoning is wrapped in them).
+    The server is keyed by its URL without credentials (a rotated password is the same teacher), replicas by
+    the first one's (adding a replica keeps the cache); the local backend has none. Think tags shape the cached feedback (server-side reasoning is wrapped in them).
     """
     server = ""
     if cfg.teacher_backend == "openai":
-        url = cfg.openai_base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        url = cfg.openai_base_url
+        url = url[0] if isinstance(url, list) else url  # replicas serve one teacher: the first names it
+        url = url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
         server = display_url(url.strip()).rstrip("/")  # scheme://host:port/path, no credentials
     return {"structured": bool(cfg.teacher_structured_output), "logprobs": bool(cfg.teacher_logprob_scores),
             "temperature": float(cfg.teacher_temperature), "backend": cfg.teacher_backend, "server": server,

@@ -3,8 +3,9 @@
 Counted per call (every request sent, retries and refused options included; a cached grade sends none),
 so a call that grades several completions at once counts once. Backends add to a `UsageMeter`; the
 trainer reads its totals at each step end (summed over processes), writes them to metrics.jsonl and
-stops the run when a budget is spent. The meter also refuses new calls once this process's share of a
-budget is spent, so the calls of batches judged ahead cannot run far past it.
+stops the run when a budget is spent. The meter also refuses new calls once the budget is spent, so the
+calls of batches judged ahead cannot run far past it: during training it reads the whole run's spend from
+the spend ledger (spend_ledger.py) that every process writes, elsewhere this process's share.
 """
 
 from __future__ import annotations
@@ -13,20 +14,22 @@ import threading
 from dataclasses import asdict, dataclass
 
 # Metric names, per step and as run totals.
-USAGE_KEYS = ("calls", "prompt_tokens", "completion_tokens")
+USAGE_KEYS = ("calls", "prompt_tokens", "completion_tokens", "cached_prompt_tokens")
 
 
 @dataclass(frozen=True)
 class Usage:
-    """Counts of teacher calls and tokens.
+    """Counts of teacher calls and tokens; `cached_prompt_tokens` is the part of `prompt_tokens` the server
+    reported as read from its prompt cache (``usage.prompt_tokens_details.cached_tokens``).
 
-    >>> Usage(2, 300, 40) + Usage(1, 100, 10)
-    Usage(calls=3, prompt_tokens=400, completion_tokens=50)
+    >>> Usage(2, 300, 40) + Usage(1, 100, 10, 64)
+    Usage(calls=3, prompt_tokens=400, completion_tokens=50, cached_prompt_tokens=64)
     """
 
     calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(*(a + b for a, b in zip(self.as_tuple(), other.as_tuple(), strict=True)))
@@ -34,8 +37,8 @@ class Usage:
     def __sub__(self, other: Usage) -> Usage:
         return Usage(*(a - b for a, b in zip(self.as_tuple(), other.as_tuple(), strict=True)))
 
-    def as_tuple(self) -> tuple[int, int, int]:
-        return self.calls, self.prompt_tokens, self.completion_tokens
+    def as_tuple(self) -> tuple[int, int, int, int]:
+        return self.calls, self.prompt_tokens, self.completion_tokens, self.cached_prompt_tokens
 
     @property
     def total_tokens(self) -> int:
@@ -52,10 +55,12 @@ class Usage:
 
 @dataclass(frozen=True)
 class Prices:
-    """US dollars per million input (prompt) and output (completion) tokens; both 0: not priced."""
+    """US dollars per million input (prompt) and output (completion) tokens; both 0: not priced. Cached prompt
+    tokens cost `cached_input_per_mtok`; None: the input price (what a bill without a cache discount says)."""
 
     input_per_mtok: float = 0.0
     output_per_mtok: float = 0.0
+    cached_input_per_mtok: float | None = None
 
     @property
     def priced(self) -> bool:
@@ -65,8 +70,13 @@ class Prices:
         """
         >>> round(Prices(0.5, 1.5).cost_usd(Usage(1, 2_000_000, 1_000_000)), 6)
         2.5
+        >>> round(Prices(0.5, 1.5, 0.125).cost_usd(Usage(1, 2_000_000, 1_000_000, 1_000_000)), 6)  # half cached
+        2.125
         """
-        return (usage.prompt_tokens * self.input_per_mtok + usage.completion_tokens * self.output_per_mtok) / 1e6
+        cached = min(usage.cached_prompt_tokens, usage.prompt_tokens)
+        cached_price = self.input_per_mtok if self.cached_input_per_mtok is None else self.cached_input_per_mtok
+        return ((usage.prompt_tokens - cached) * self.input_per_mtok + cached * cached_price
+                + usage.completion_tokens * self.output_per_mtok) / 1e6
 
 
 @dataclass(frozen=True)
@@ -92,7 +102,8 @@ class Budgets:
 
 
 def usage_metrics(usage: Usage, prices: Prices, prefix: str) -> dict[str, float]:
-    """{prefix}calls, {prefix}prompt_tokens, {prefix}completion_tokens, and {prefix}cost_usd when priced."""
+    """{prefix}calls, {prefix}prompt_tokens, {prefix}completion_tokens, {prefix}cached_prompt_tokens, and
+    {prefix}cost_usd when priced."""
     out = {f"{prefix}{k}": float(v) for k, v in zip(USAGE_KEYS, usage.as_tuple(), strict=True)}
     if prices.priced:
         out[f"{prefix}cost_usd"] = prices.cost_usd(usage)
@@ -103,6 +114,8 @@ def describe(usage: Usage, prices: Prices) -> str:
     """One line for people: calls, tokens and, when priced, dollars."""
     text = (f"{usage.calls:,} teacher calls, {usage.prompt_tokens:,} prompt + {usage.completion_tokens:,} "
             f"completion tokens")
+    if usage.cached_prompt_tokens:
+        text += f" ({usage.cached_prompt_tokens / max(1, usage.prompt_tokens):.0%} of the prompt tokens cached)"
     return text + (f", ${prices.cost_usd(usage):.4f}" if prices.priced else "")
 
 
@@ -122,7 +135,8 @@ class BudgetSpent(Exception):
 class UsageMeter:
     """Running totals of one process's teacher calls (thread-safe), and the gate that enforces the budgets.
 
-    `before` is what a resumed run had spent (the whole run's); `share` is this process's part of each
+    `before` is what a resumed run had spent (the whole run's). With a `ledger` (training) every process reads
+    the run's spend from it and checks the whole budget; without one, `share` is this process's part of each
     budget (1 / processes), so the processes together stop near the budget without talking to each other.
     """
 
@@ -133,17 +147,24 @@ class UsageMeter:
         self.share = 1.0
         self._usage = Usage()
         self._reserved = Usage()  # estimates of the calls in flight (see admit)
+        # Requests per teacher replica; sized by the openai backend when it has several (the same on every process).
+        self.endpoint_calls: list[int] = []
+        self.ledger = None  # spend_ledger.SpendLedger, during training: every call written down as it is counted
+        self.aggregate = False  # check the run's total from the ledger (every process writes to the same file)
         self._lock = threading.Lock()
 
     @classmethod
     def from_config(cls, cfg) -> UsageMeter:
-        return cls(Prices(cfg.teacher_price_input_per_mtok, cfg.teacher_price_output_per_mtok),
-                   Budgets.from_config(cfg))
+        return cls(Prices(cfg.teacher_price_input_per_mtok, cfg.teacher_price_output_per_mtok,
+                          cfg.teacher_price_cached_input_per_mtok), Budgets.from_config(cfg))
 
-    def add(self, calls: int = 1, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
-        """Count CALLS calls that used these tokens."""
+    def add(self, calls: int = 1, prompt_tokens: int = 0, completion_tokens: int = 0, cached_prompt_tokens: int = 0) -> None:
+        """Count CALLS calls that used these tokens (CACHED_PROMPT_TOKENS: the part of the prompt the server had cached)."""
         with self._lock:
-            self._usage = self._usage + Usage(calls, int(prompt_tokens or 0), int(completion_tokens or 0))
+            self._usage = self._usage + Usage(calls, int(prompt_tokens or 0), int(completion_tokens or 0),
+                                              int(cached_prompt_tokens or 0))
+            if self.ledger is not None:  # durably, before anything else can happen (spend_ledger.py)
+                self.ledger.record(self._usage)
 
     @property
     def usage(self) -> Usage:
@@ -151,14 +172,23 @@ class UsageMeter:
         with self._lock:
             return self._usage
 
-    def _mine(self) -> Usage:
-        """This process's part of the run's spend: its share of `before` plus its own calls."""
-        return Usage(*(round(v * self.share) for v in self.before.as_tuple())) + self._usage
+    def _mine(self) -> tuple[Usage, float]:
+        """(the spend this process checks against the budgets, the part of each budget it checks it against).
+
+        With a ledger (training): the whole run's spend, every process's calls as written so far, against the
+        whole budget. Without: this process's share of `before` plus its own calls, against its share."""
+        if self.aggregate and self.ledger is not None and self._budgeted():  # no budget: no read
+            return self.before + self.ledger.session_total(), 1.0
+        return Usage(*(round(v * self.share) for v in self.before.as_tuple())) + self._usage, self.share
+
+    def _budgeted(self) -> bool:
+        return self.budgets.max_total_tokens > 0 or (self.budgets.max_cost_usd > 0 and self.prices.priced)
 
     def check(self) -> None:
-        """Raise BudgetSpent when this process's share of a budget is spent (counting its share of `before`)."""
+        """Raise BudgetSpent when this process's part of a budget is spent (see `_mine`)."""
         with self._lock:
-            reason = self.budgets.spent(self._mine(), self.prices, self.share)
+            mine, share = self._mine()
+            reason = self.budgets.spent(mine, self.prices, share)
         if reason is not None:
             raise BudgetSpent(reason)
 
@@ -170,14 +200,20 @@ class UsageMeter:
         whole batch past its budget; with it, it ends at most about one call past.
         """
         with self._lock:
-            mine = self._mine()
-            reason = self.budgets.spent(mine, self.prices, self.share)
+            mine, share = self._mine()
+            reason = self.budgets.spent(mine, self.prices, share)
             if reason is not None:
                 raise BudgetSpent(reason)
-            if self._reserved.calls and self.budgets.spent(mine + self._reserved, self.prices, self.share):
+            if self._reserved.calls and self.budgets.spent(mine + self._reserved, self.prices, share):
                 return False
             self._reserved = self._reserved + Usage(1, prompt_tokens, completion_tokens)
             return True
+
+    def add_endpoint_call(self, index: int) -> None:
+        """Count one request sent to replica INDEX (for judge/calls_by_endpoint/<i>; only with several replicas)."""
+        with self._lock:
+            if index < len(self.endpoint_calls):
+                self.endpoint_calls[index] += 1
 
     def release(self, prompt_tokens: int, completion_tokens: int) -> None:
         """Drop the reservation `admit` made for a call that has ended."""

@@ -38,6 +38,7 @@ from grpo_llm_eval.testing.grades import (
     MODES,
     SEED_CRITERIA,
     _error,
+    _text,
     completion_object,
     criteria_in,
     extract_fields,
@@ -77,7 +78,8 @@ class TeacherServer:
                  models_endpoint: bool = True, refuse_max_tokens: bool = False, port: int = 0,
                  fault_script: tuple[str | None, ...] = (), die_after: int | None = None,
                  huge_chars: int = 2_000_000, require_auth: str | None = None, refuse_json_schema: bool = False,
-                 serial: bool = False, switch_mode: tuple[int, str] | None = None):
+                 serial: bool = False, switch_mode: tuple[int, str] | None = None, prefix_cache: bool = False,
+                 cache_block: int = 16):
         for m in (mode, *(switch_mode[1:] if switch_mode else ())):
             if m not in MODES:
                 raise ValueError(f"mode must be one of {', '.join(MODES)}, not {m!r}")
@@ -96,6 +98,10 @@ class TeacherServer:
         self.reasoning_field, self.models_endpoint, self.port = reasoning_field, models_endpoint, port
         self.refuse_max_tokens = refuse_max_tokens  # as OpenAI's newer models do
         self.require_auth = require_auth  # the exact Authorization header every request must carry; else 401
+        # prefix_cache: report usage.prompt_tokens_details.cached_tokens as vLLM's prefix cache would: the leading
+        # whole blocks of cache_block prompt tokens (here: words) that an earlier request's prompt began with.
+        self.prefix_cache, self.cache_block = prefix_cache, max(1, int(cache_block))
+        self._blocks: set[int] = set()  # hashes of every cached prefix, one per block boundary
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -232,8 +238,26 @@ class TeacherServer:
     # ---- grading -----------------------------------------------------------------------------
     def completion(self, body: dict, fault: str | None, number: int = 0) -> dict:
         """The chat.completion object for a request (faults that still answer 200 applied)."""
-        return completion_object(body, fault, number, self.mode, self.fixed_scores, self.huge_chars,
-                                 self.reasoning_field)
+        payload = completion_object(body, fault, number, self.mode, self.fixed_scores, self.huge_chars,
+                                    self.reasoning_field)
+        if self.prefix_cache:
+            payload["usage"]["prompt_tokens_details"] = {"cached_tokens": self._cached_prefix(body)}
+        return payload
+
+    def _cached_prefix(self, body: dict) -> int:
+        """Prompt tokens (words, as prompt_tokens counts them) found in the prefix cache; this prompt's blocks
+        are cached from now on. Blocks are chained by hash, so a block counts only after all those before it."""
+        words = "\n".join(_text(m.get("content")) for m in body.get("messages", [])).split()
+        hashes, h = [], 0
+        for start in range(0, len(words) - self.cache_block + 1, self.cache_block):
+            h = hash((h, tuple(words[start:start + self.cache_block])))
+            hashes.append(h)
+        with self._lock:
+            hit = 0
+            while hit < len(hashes) and hashes[hit] in self._blocks:
+                hit += 1
+            self._blocks.update(hashes)
+        return hit * self.cache_block
 
 
 class _Server(ThreadingHTTPServer):

@@ -238,7 +238,7 @@ def _attach_callbacks(trainer, cfg, rubric, teacher, recorder, out: Path, is_mai
     if teacher is not None:  # calls, tokens and cost in metrics.jsonl; the teacher budgets
         from grpo_llm_eval.training.judge_spend import JudgeSpend
 
-        trainer.judge_spend = JudgeSpend(trainer, teacher.usage)
+        trainer.judge_spend = JudgeSpend(trainer, teacher.usage, out / "judgements.sqlite")
         trainer.add_callback(trainer.judge_spend)
     records = RecordsCallback(recorder, out, is_main)
     trainer.add_callback(records)

@@ -16,10 +16,11 @@ import re
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import openai
 
+from grpo_llm_eval.teacher.backends.endpoints import Endpoint, EndpointPool, base_urls
 from grpo_llm_eval.teacher.backends.openai_failures import FailureHandling
 from grpo_llm_eval.teacher.backends.transport import display_url, retry_after_seconds, split_credentials  # noqa: F401 (tests import it from here)
 from grpo_llm_eval.teacher.gate import CallGate
@@ -39,12 +40,13 @@ PROBE = JudgeRequest("What is 1 + 1?", "<think>1 + 1 = 2</think> 2", "2")
 
 @dataclass
 class _LoopState:
-    client: openai.AsyncOpenAI
+    clients: list[openai.AsyncOpenAI]  # one per replica, in the order of openai_base_url
     slots: AdaptiveConcurrency
     closer: object = None
+    probes: set = field(default_factory=set)  # probe tasks of replicas that are out (endpoints.py)
 
 
-async def _close_at_loop_shutdown(client: openai.AsyncOpenAI):
+async def _close_at_loop_shutdown(clients: list[openai.AsyncOpenAI]):
     """Closes `client` when its loop finalizes async generators (asyncio.run does, before closing).
 
     A client left open past its loop is closed later by the openai library's __del__ in whatever loop
@@ -53,18 +55,19 @@ async def _close_at_loop_shutdown(client: openai.AsyncOpenAI):
     try:
         yield
     finally:
-        await client.close()
+        for client in clients:
+            await client.close()
 
 
 class OpenAITeacher(FailureHandling):
     """Grades through an OpenAI-compatible chat completions endpoint; see the module doc.
 
     `stats` holds counters for metrics: calls, attempts, retries, ok, failures by status, latency_s_total,
-    fallbacks. Tokens are counted once, by the usage meter (`usage`, teacher/usage.py).
+    fallbacks, failovers (calls sent again to another replica). Tokens are counted once, by the usage meter (`usage`, teacher/usage.py).
     """
 
     def __init__(self, cfg, rubric, backoff_base_s: float = 0.5, num_processes: int | None = None,
-                 rate_window_s: float = 60.0):
+                 rate_window_s: float = 60.0, probe_s: float = 1.0):
         self.cfg = cfg
         self.rubric = rubric
         self.group_prompt = GroupPrompt(rubric)
@@ -82,17 +85,21 @@ class OpenAITeacher(FailureHandling):
         self._truncation = TruncationCheck(rubric, cfg.max_feedback_new_tokens)
         # Local servers ignore the key but the client insists on one; never log or store it elsewhere.
         self._api_key = os.environ.get("OPENAI_API_KEY") or "EMPTY"
-        self._base_url, self._headers = split_credentials(cfg.openai_base_url) if cfg.openai_base_url else (None, {})
-        self._secrets = [v for v in (urllib.parse.urlsplit(cfg.openai_base_url).password,) if v]
+        urls = base_urls(cfg.openai_base_url)
+        # The replicas (one, usually); probe_s: how soon a replica taken out is first probed (shorter in tests).
+        self.endpoints = EndpointPool(urls, os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1", probe_s)
+        self._secrets = [v for v in (urllib.parse.urlsplit(u).password for u in urls) if v]
         # None: the run's process count, read when the first loop state is made (see concurrency_per_process).
         self.num_processes = num_processes
         self._states: dict[asyncio.AbstractEventLoop, _LoopState] = {}
         self._lock = threading.Lock()
         self.usage = UsageMeter.from_config(cfg)  # every request sent, for metrics and budgets (usage.py)
+        if len(self.endpoints) > 1:
+            self.usage.endpoint_calls = [0] * len(self.endpoints)
         self.rate_window_s = rate_window_s  # per-minute limits' window; shorter only in tests
         self._gate: CallGate | None = None
         self.stats = {"calls": 0, "attempts": 0, "retries": 0, "ok": 0, "failures": {}, "latency_s_total": 0.0,
-                      "fallbacks": []}
+                      "fallbacks": [], "failovers": 0}
 
     # ---- per-event-loop client and concurrency cap ---------------------------------------------
     @property
@@ -111,11 +118,12 @@ class OpenAITeacher(FailureHandling):
             state = self._states.get(loop)
             created = state is None
             if created:
-                client = openai.AsyncOpenAI(api_key=self._api_key, base_url=self._base_url, timeout=self.timeout_s,
-                                            max_retries=0, default_headers=self._headers or None)
+                clients = [openai.AsyncOpenAI(api_key=self._api_key, base_url=ep.base_url, timeout=self.timeout_s,
+                                              max_retries=0, default_headers=ep.headers or None)
+                           for ep in self.endpoints.endpoints]
                 slots = AdaptiveConcurrency(self.concurrency_per_process, self.cfg.teacher_adaptive_concurrency,
                                             f"the teacher at {self.url}", self.timeout_s)
-                state = self._states[loop] = _LoopState(client, slots, _close_at_loop_shutdown(client))
+                state = self._states[loop] = _LoopState(clients, slots, _close_at_loop_shutdown(clients))
             if self._gate is None:
                 processes = self.num_processes if self.num_processes is not None else process_count()
                 self._gate = CallGate(self.cfg, self.usage, processes, self.rate_window_s)
@@ -125,9 +133,9 @@ class OpenAITeacher(FailureHandling):
 
     @property
     def url(self) -> str:
-        """The server's base URL as shown in messages (credentials stripped)."""
-        base = self._base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
-        return display_url(base)
+        """The server's base URL as shown in messages (credentials stripped); with replicas, all of them."""
+        shown = [ep.shown for ep in self.endpoints.endpoints]
+        return shown[0] if len(shown) == 1 else f"{len(shown)} replicas ({', '.join(shown)})"
 
     def _redact(self, text: str, limit: int = 300) -> str:
         """Short error text that cannot carry the API key or a bearer token."""
@@ -163,29 +171,35 @@ class OpenAITeacher(FailureHandling):
         return list(await asyncio.gather(*(self._judge_group_one(state, c) for c in calls)))
 
     async def health_check(self) -> None:
-        """Fail fast with TeacherUnavailable if the server is unreachable or does not serve the model."""
+        """Fail fast with TeacherUnavailable if a replica is unreachable or does not serve the model (the message
+        names the replica: a wrong URL in the list is a config mistake, better fixed than run around)."""
         state = await self._state()
+        for ep in self.endpoints.endpoints:
+            await self._check_endpoint(state, ep)
+        await self._learn_options(state)
+
+    async def _check_endpoint(self, state: _LoopState, ep: Endpoint) -> None:
         timeout = min(10.0, self.timeout_s or 10.0)
+        where = self.endpoints.where(ep)
+        fix = "start the server or fix openai_base_url" + (" (or drop it from the list)" if len(self.endpoints) > 1 else "")
         try:
-            page = await state.client.models.list(timeout=timeout)
+            page = await state.clients[ep.index].models.list(timeout=timeout)
         except openai.NotFoundError:
-            logger.warning("the teacher at %s has no /models endpoint; cannot check that it serves %r",
-                           self.url, self.model)
+            logger.warning("%s has no /models endpoint; cannot check that it serves %r", where, self.model)
             return
         except openai.APIConnectionError as exc:
-            raise TeacherUnavailable(f"cannot reach the teacher at {self.url}: {self._redact(str(exc))}; "
-                                     "start the server or fix openai_base_url") from None
+            raise TeacherUnavailable(f"cannot reach {where}: {self._redact(str(exc))}; {fix}") from None
         except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
-            raise TeacherUnavailable(f"the teacher at {self.url} refused the API key (HTTP {exc.status_code}); "
-                                     "set OPENAI_API_KEY") from None
+            raise TeacherUnavailable(f"{where} refused the API key (HTTP {exc.status_code}); set OPENAI_API_KEY"
+                                     + (" or put user:password@ in its URL" if len(self.endpoints) > 1 else "")) from None
         except openai.APIStatusError as exc:
-            raise TeacherUnavailable(f"the teacher at {self.url} answered HTTP {exc.status_code} to GET /models: "
+            raise TeacherUnavailable(f"{where} answered HTTP {exc.status_code} to GET /models: "
                                      f"{self._redact(str(exc))}") from None
         served = [m.id for m in page.data]
         if self.model not in served:
-            raise TeacherUnavailable(f"the server at {self.url} does not serve {self.model!r}; it serves: "
+            server = where.replace("the teacher at", "the server at", 1)
+            raise TeacherUnavailable(f"{server} does not serve {self.model!r}; it serves: "
                                      f"{', '.join(served) or '(nothing)'}; set teacher_model_name to one of them")
-        await self._learn_options(state)
 
     async def _learn_options(self, state: _LoopState) -> None:
         """Find out once, with one-token requests, which of structured output and logprobs the server takes, so
@@ -264,6 +278,7 @@ class OpenAITeacher(FailureHandling):
         """One teacher call with retries: `request_for(structured, fmt)` -> (messages, response_format), then
         `finish(completion, logprobs, start, attempts, structured)` or `fail(status, exc, start, attempts)`."""
         start, attempts, retries = time.monotonic(), 0, 0
+        tried: set[int] = set()  # replicas this call was sent to
         self._bump("calls")
         while True:
             structured, logprobs, fmt = self.structured, self.logprobs and logprobs_ok, self.structured_format
@@ -271,7 +286,7 @@ class OpenAITeacher(FailureHandling):
             self._bump("attempts")
             try:
                 messages, response_format = request_for(structured, fmt)
-                completion = await self._send(state, messages, response_format, logprobs, max_tokens)
+                completion = await self._send(state, messages, response_format, logprobs, max_tokens, tried)
                 return finish(completion, logprobs, start, attempts, structured)
             except BudgetSpent as exc:
                 return fail("budget_spent", exc, start, attempts)
@@ -279,6 +294,10 @@ class OpenAITeacher(FailureHandling):
                 if self._fall_back(exc, structured, logprobs, fmt):
                     continue  # a refused option is not the server's fault: retry plainly, free of charge
                 status, retryable, wait = self._classify(exc)
+                if self._replica_failure(exc) and self.endpoints.has_other(tried):
+                    self._bump("failovers")  # another replica takes it now: no backoff, no retry used up
+                    logger.debug("teacher call failed (%s); sending it to another replica", status)
+                    continue
                 if retryable and retries < self.max_retries:
                     retries += 1
                     self._bump("retries")
@@ -290,22 +309,53 @@ class OpenAITeacher(FailureHandling):
                 return fail(status, exc, start, attempts)
 
     async def _send(self, state: _LoopState, messages: list[dict], response_format: dict | None, logprobs: bool,
-                    max_tokens: int):
-        """One request through the concurrency slot, the gate (budget, per-minute limits) and the usage meter."""
+                    max_tokens: int, tried: set[int] | None = None):
+        """One request through the concurrency slot, the gate (budget, per-minute limits) and the usage meter, to
+        the least-loaded healthy replica (endpoints.py); TRIED gets the replica's index. A replica that fails as
+        a dead server does is taken out here."""
         admitted = await state.slots.acquire()
-        outcome, completion, ticket = "error", None, None
+        outcome, completion, ticket, ep = "error", None, None, None
         try:
             ticket = await self._gate.enter(messages, max_tokens)
-            completion = await self._create(state.client, messages, response_format, logprobs, max_tokens)
+            ep = self.endpoints.pick(tried or set())
+            self._probe_due(state)
+            if tried is not None:
+                tried.add(ep.index)
+            self.usage.add_endpoint_call(ep.index)
+            completion = await self._create(state.clients[ep.index], messages, response_format, logprobs, max_tokens)
             outcome = "ok"
             return completion
         except Exception as exc:
             outcome = self._classify(exc)[0]
+            reason = self._replica_failure(exc)
+            if ep is not None and reason:
+                self.endpoints.take_out(ep, reason)
             raise
         finally:
+            if ep is not None:
+                self.endpoints.done(ep)
             if ticket is not None:
                 self._gate.leave(ticket, getattr(completion, "usage", None))
             await state.slots.release(admitted, outcome)
+
+    def _probe_due(self, state: _LoopState) -> None:
+        """Start a probe (GET /models, not billed) of each replica that is out and due for one."""
+        for ep in self.endpoints.due_probes():
+            task = asyncio.get_running_loop().create_task(self._probe(state, ep))
+            state.probes.add(task)  # a task nobody holds may be collected mid-flight
+            task.add_done_callback(state.probes.discard)
+
+    async def _probe(self, state: _LoopState, ep: Endpoint) -> None:
+        alive = False
+        try:
+            await state.clients[ep.index].models.list(timeout=min(5.0, self.timeout_s or 5.0))
+            alive = True
+        except openai.APIStatusError as exc:  # it answers: only a 5xx says it is still broken
+            alive = exc.status_code < 500
+        except Exception as exc:  # unreachable, timed out
+            logger.debug("probe of %s failed: %s", self.endpoints.where(ep), self._redact(str(exc), 120))
+        finally:  # also when cancelled (the loop ends): the next loop probes it again
+            self.endpoints.probed(ep, alive)
 
     async def _create(self, client: openai.AsyncOpenAI, messages: list[dict], response_format: dict | None,
                       logprobs: bool, max_tokens: int):

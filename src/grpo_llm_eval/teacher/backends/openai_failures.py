@@ -35,6 +35,17 @@ class FailureHandling:
             return status, code in _RETRY_CODES or code >= 500, wait
         return "error", False, None
 
+    def _replica_failure(self, exc: Exception) -> str | None:
+        """What says the server itself is dead or broken (connection refused or dropped, a timeout, HTTP 5xx that
+        is not a refused option), or None: a reason to take a replica out (endpoints.py)."""
+        if isinstance(exc, (openai.APITimeoutError, asyncio.TimeoutError, TimeoutError)):
+            return "timeout"
+        if isinstance(exc, openai.APIConnectionError):
+            return "connection error"
+        if isinstance(exc, openai.APIStatusError) and exc.status_code >= 500 and "validation error" not in str(exc).lower():
+            return f"HTTP {exc.status_code}"
+        return None
+
     def _delay(self, retry: int, wait: float | None) -> float:
         if wait is not None:
             # Never earlier than asked; a little jitter on top so a crowd of callers does not return at once.
