@@ -86,6 +86,12 @@ class TestBadConfig:
         [p] = problems_of({"evaluation_prompt": "Grade this: {question}"})
         assert p.startswith("evaluation_prompt:") and "{student_response}" in p
 
+    def test_sft_on_feedback_needs_the_local_teacher_to_write_an_explanation(self):
+        forced = {"teacher_backend": "local", "teacher_logprob_scores": True, "max_feedback_new_tokens": 0}
+        [p] = problems_of({**forced, "sft_beta": 0.1})
+        assert p.startswith("max_feedback_new_tokens: 0") and "sft_target: best_response" in p
+        assert validate({**forced, "sft_beta": 0.1, "sft_target": "best_response"}).max_feedback_new_tokens == 0
+
     def test_bad_choice_lists_the_choices(self):
         [p] = problems_of({"teacher_backend": "grpc"})
         assert "'grpc'" in p and "openai" in p and "local" in p
@@ -127,14 +133,14 @@ class TestBadConfig:
         served = {**offline, "teacher_backend": "openai", "openai_base_url": "http://127.0.0.1:8/v1",
                   "teacher_structured_output": True}
         [problem] = problems_of(served)
-        assert problem.startswith("max_feedback_new_tokens: 8") and "openai" in problem and "512" in problem
+        assert problem.startswith("max_feedback_new_tokens: 0") and "openai" in problem and "512" in problem
         [problem] = problems_of({**offline, "teacher_logprob_scores": False})  # local, decoding its grades
-        assert problem.startswith("max_feedback_new_tokens: 8") and "local" in problem
-        assert validate(offline).max_feedback_new_tokens == 8  # forced keys: only the explanation is decoded
+        assert problem.startswith("max_feedback_new_tokens: 0") and "local" in problem
+        assert validate(offline).max_feedback_new_tokens == 0  # forced keys: only an explanation would be decoded
         unreadable = [{"name": n, "weight": 1.0, "description": "?", "min": 0, "max": 0.5}
                       for n in ("thought_process", "answer", "format")]
         [problem] = problems_of({**offline, "criteria": unreadable})  # no forced keys: grammar decoding
-        assert problem.startswith("max_feedback_new_tokens: 8")
+        assert problem.startswith("max_feedback_new_tokens: 0")
         validate({**served, "max_feedback_new_tokens": 256})
 
     def test_all_reward_weights_zero_is_rejected(self):

@@ -92,7 +92,7 @@ class Config:
     thought_process_weight: float = _f(0.07, "Weight of the thought_process score (seed rubric).", min=0.0)
     answer_weight: float = _f(0.1, "Weight of the answer score (seed rubric).", min=0.0)
     format_weight: float = _f(0.03, "Weight of the format score (seed rubric).", min=0.0)
-    max_feedback_new_tokens: int = _f(512, "Max tokens of a teacher grade; a grade cut off by it is recorded 'truncated'. Where grades are decoded (openai; local without teacher_logprob_scores) it must hold a whole grade, else a config error.", min=1)
+    max_feedback_new_tokens: int = _f(512, "Max tokens of a teacher grade; a grade cut off by it is recorded 'truncated'. Where grades are decoded (openai; local without teacher_logprob_scores) it must hold a whole grade, else a config error. With the local backend's forced-key scores it bounds the explanation alone, and 0 writes none (the scores are the same; the feedback is the bare grade).", min=0)
     teacher_temperature: float = _f(0.0, "Teacher sampling temperature.", min=0.0)
     teacher_samples: int = _f(1, "Grade each completion (or group) this many times at teacher_temperature (> 0) and average each criterion; judge/sample_spread reports the spread of the rubric reward between the samples. Each sample is a teacher call of its own.", min=1)
     teacher_timeout_s: float = _f(120.0, "Timeout of one teacher call, seconds.", min=0.0)

@@ -175,6 +175,11 @@ def _check_grade_room(cfg: Config, problems: list[str]) -> None:
     rubric = Rubric.from_config(cfg)
     if (cfg.teacher_backend == "local" and cfg.teacher_logprob_scores
             and all(forced_scale(c) is not None for c in rubric.criteria)):
+        if cfg.max_feedback_new_tokens == 0 and cfg.sft_beta > 0 and cfg.sft_target == "feedback":
+            problems.append(
+                f"max_feedback_new_tokens: 0 with sft_beta: {cfg.sft_beta} and sft_target: feedback: the local "
+                "teacher would write no explanation, so SFT would train on bare scores; set max_feedback_new_tokens "
+                "above 0 (e.g. 32), or sft_target: best_response.")
         return
     json_mode = cfg.teacher_structured_output
     fewest, typical = rubric.grade_tokens(json_mode, compact=cfg.teacher_backend == "local")
