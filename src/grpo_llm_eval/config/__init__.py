@@ -70,6 +70,7 @@ class Config:
     max_train_minutes: float = _f(0.0, "Stop training after this many minutes (from the first step; a checkpoint and final/ are saved); 0: no limit.", min=0.0)
     prompts_per_step: int = _f(4, "Prompts per update on each process; each yields num_return_sequences completions.", min=1)
     accumulation_steps: int = _f(1, "Gradient accumulation steps.", min=1)
+    micro_batch_size: int = _f(0, "Completions per forward and backward pass of an update: an update's completions (prompts_per_step x num_return_sequences, times accumulation_steps) go through in slices of this many, their gradients summed; the same update with TRL's loss_type dapo (the default), grpo or dr_grpo, and the activations' memory of a slice instead of the whole batch. Must divide prompts_per_step x num_return_sequences. 0 (or the batch or more): the whole batch at once.", min=0)
     max_grad_norm: float = _f(0.1, "Gradient clipping norm.", min=0.0)
     seed: int = _f(3409, "Random seed.")
     grpo_beta: float = _f(0.0, "KL coefficient to the reference model (TRL beta).", min=0.0)

@@ -214,6 +214,30 @@ def _check_samples(cfg: Config, problems: list[str], criteria_ok: bool) -> None:
             "an average over the teacher's choices), or teacher_logprob_scores: false to sample decoded grades.")
 
 
+def _check_micro_batch(cfg: Config, problems: list[str]) -> None:
+    """micro_batch_size slices an update through TRL's gradient accumulation: refuse it where the slices would not
+    add up to the same update."""
+    micro, batch = cfg.micro_batch_size, cfg.prompts_per_step * cfg.num_return_sequences
+    if not micro or micro >= batch:  # the whole batch at once
+        return
+    if batch % micro:
+        problems.append(f"micro_batch_size: {micro} does not divide an update's {batch} completions (prompts_per_step "
+                        f"x num_return_sequences); use a divisor of {batch}, or 0 for the whole batch at once.")
+    taken = [k for k in ("per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
+                         "generation_batch_size") if k in cfg.trl]
+    if taken:
+        problems.append(f"micro_batch_size: {micro} sets TRL's batch sizes, and trl.{taken[0]} sets them too; drop "
+                        "one of the two.")
+    loss = cfg.trl.get("loss_type", "dapo")
+    if loss not in ("dapo", "grpo", "dr_grpo"):
+        problems.append(f"micro_batch_size: {micro} with trl.loss_type: {loss}: that loss is normalised per slice, so "
+                        "slicing would change the update; set micro_batch_size: 0, or a loss_type of dapo, grpo or "
+                        "dr_grpo.")
+    if cfg.sft_beta > 0:
+        problems.append(f"micro_batch_size: {micro} with sft_beta: {cfg.sft_beta}: the SFT term is not sliced with the "
+                        "batch (untested); set micro_batch_size: 0 to train with SFT.")
+
+
 def _check_judge_ahead(cfg: Config, problems: list[str]) -> None:
     """Judging ahead is exact only when one generation batch is one optimizer update, trained once, with the
     same log-probs at sampling and training time (see judge_ahead.py); refuse the settings where it is not."""
@@ -287,6 +311,7 @@ def validate(data: dict) -> Config:
             "drop the key). For faster rollouts use trl: {use_vllm: true} (README, 'Several GPUs or machines')."
         )
     _check_judge_ahead(cfg, problems)
+    _check_micro_batch(cfg, problems)
     if cfg.group_judge_passes > 1 and cfg.judge_mode != "group":
         problems.append(f"group_judge_passes: {cfg.group_judge_passes} only applies to judge_mode group (judge_mode is "
                         f"{cfg.judge_mode}); set judge_mode: group, or group_judge_passes: 1.")
