@@ -86,6 +86,21 @@ class TestBadConfig:
         [p] = problems_of({"evaluation_prompt": "Grade this: {question}"})
         assert p.startswith("evaluation_prompt:") and "{student_response}" in p
 
+    def test_sft_on_feedback_needs_the_local_teacher_to_write_an_explanation(self):
+        forced = {"teacher_backend": "local", "teacher_logprob_scores": True, "max_feedback_new_tokens": 0}
+        [p] = problems_of({**forced, "sft_beta": 0.1})
+        assert p.startswith("max_feedback_new_tokens: 0") and "sft_target: best_response" in p
+        assert validate({**forced, "sft_beta": 0.1, "sft_target": "best_response"}).max_feedback_new_tokens == 0
+
+    def test_micro_batches_must_slice_the_update_into_equal_parts(self):
+        [p] = problems_of({"prompts_per_step": 4, "num_return_sequences": 8, "micro_batch_size": 5})
+        assert p.startswith("micro_batch_size: 5 does not divide") and "32" in p
+        [p] = problems_of({"micro_batch_size": 8, "trl": {"loss_type": "bnpo"}})
+        assert "loss_type: bnpo" in p
+        [p] = problems_of({"micro_batch_size": 8, "trl": {"gradient_accumulation_steps": 2}})
+        assert "trl.gradient_accumulation_steps" in p
+        assert validate({"prompts_per_step": 1, "num_return_sequences": 4, "micro_batch_size": 8}).micro_batch_size == 8
+
     def test_bad_choice_lists_the_choices(self):
         [p] = problems_of({"teacher_backend": "grpc"})
         assert "'grpc'" in p and "openai" in p and "local" in p
@@ -127,14 +142,14 @@ class TestBadConfig:
         served = {**offline, "teacher_backend": "openai", "openai_base_url": "http://127.0.0.1:8/v1",
                   "teacher_structured_output": True}
         [problem] = problems_of(served)
-        assert problem.startswith("max_feedback_new_tokens: 8") and "openai" in problem and "512" in problem
+        assert problem.startswith("max_feedback_new_tokens: 0") and "openai" in problem and "512" in problem
         [problem] = problems_of({**offline, "teacher_logprob_scores": False})  # local, decoding its grades
-        assert problem.startswith("max_feedback_new_tokens: 8") and "local" in problem
-        assert validate(offline).max_feedback_new_tokens == 8  # forced keys: only the explanation is decoded
+        assert problem.startswith("max_feedback_new_tokens: 0") and "local" in problem
+        assert validate(offline).max_feedback_new_tokens == 0  # forced keys: only an explanation would be decoded
         unreadable = [{"name": n, "weight": 1.0, "description": "?", "min": 0, "max": 0.5}
                       for n in ("thought_process", "answer", "format")]
         [problem] = problems_of({**offline, "criteria": unreadable})  # no forced keys: grammar decoding
-        assert problem.startswith("max_feedback_new_tokens: 8")
+        assert problem.startswith("max_feedback_new_tokens: 0")
         validate({**served, "max_feedback_new_tokens": 256})
 
     def test_all_reward_weights_zero_is_rejected(self):
@@ -216,3 +231,19 @@ class TestScalingDoc:
             if "do not overlap" in paragraph:
                 assert "`judge_ahead_steps: 0`" in paragraph, paragraph
 
+
+
+class TestMicroBatches:
+    def test_an_update_in_micro_batches_keeps_its_generation_batch_and_its_update_count(self, tmp_path):
+        """micro_batch_size slices the update through TRL's accumulation: same completions generated per update."""
+        from grpo_llm_eval.training.train import grpo_args
+
+        whole = grpo_args(load_config(None, ["micro_batch_size=0"]), tmp_path)
+        sliced = grpo_args(load_config(None), tmp_path)  # the offline default: 8 at a time
+        assert (whole.per_device_train_batch_size, whole.gradient_accumulation_steps) == (32, 1)
+        assert (sliced.per_device_train_batch_size, sliced.gradient_accumulation_steps) == (8, 4)
+        for args in (whole, sliced):
+            assert args.per_device_train_batch_size * args.steps_per_generation == 32  # TRL's generation batch
+            assert args.steps_per_generation == args.gradient_accumulation_steps  # one update per generation batch
+        twice = grpo_args(load_config(None, ["accumulation_steps=2"]), tmp_path)
+        assert (twice.per_device_train_batch_size, twice.gradient_accumulation_steps) == (8, 8)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from grpo_llm_eval.config.load import load_config
 from grpo_llm_eval.teacher.backends.local_backend import LocalTeacher
 from grpo_llm_eval.teacher.grading.rubric import Rubric
@@ -27,7 +29,7 @@ class TestForcedKeyScores:
     """The offline default's grading: keys forced, scores read from digit-token probabilities."""
 
     def test_grades_are_probability_weighted_scores_on_the_scale_with_a_parseable_grade(self):
-        cfg = load_config(None)
+        cfg = load_config(None, ["max_feedback_new_tokens=8"])
         rubric = Rubric.from_config(cfg)
         teacher = LocalTeacher(cfg, rubric, n_threads=1)
         judgements = judge(teacher, [RIGHT, WRONG])
@@ -56,6 +58,53 @@ class TestForcedKeyScores:
         assert set(probs) == set(range(11))
         assert 0.0 < sum(probs.values()) <= 1.0 + 1e-9
         assert probs[10] > 0.0  # reached through "1" then "0"
+
+    def test_without_an_explanation_the_scores_are_the_same(self):
+        """The offline default writes no explanation (max_feedback_new_tokens: 0): it only saves the decoding."""
+        plain = judge(LocalTeacher(load_config(None), Rubric.from_config(load_config(None)), n_threads=1),
+                      [RIGHT, WRONG])
+        cfg = load_config(None, ["max_feedback_new_tokens=8"])
+        explained = judge(LocalTeacher(cfg, Rubric.from_config(cfg), n_threads=1), [RIGHT, WRONG])
+        for bare, full in zip(plain, explained, strict=True):
+            assert bare.ok and full.ok
+            assert bare.scores == full.scores
+            assert '"explanation"' not in bare.raw and '"explanation": "' in full.raw
+            assert full.raw.startswith(bare.raw[:-1])  # the same written integers, then the explanation
+            assert bare.extra["usage"]["completion_tokens"] < full.extra["usage"]["completion_tokens"]
+
+    def test_a_two_digit_score_is_read_as_a_fresh_evaluation_reads_it(self):
+        """The "1" of "10" is read in the same llama.cpp decode as the key before it. Would have caught: read in a
+        one-token decode of its own, P("0" after "1") differed from a fresh evaluation of the same text (llama.cpp's
+        one-token path computes differently), so a score depended on what the KV cache held before."""
+        import llama_cpp
+        import numpy as np
+
+        cfg = load_config(None)
+        rubric = Rubric.from_config(cfg)
+        teacher = LocalTeacher(cfg, rubric, n_threads=1)
+        asyncio.run(teacher.health_check())
+        try:
+            scorer, llm = teacher._scorer, teacher._llm
+            text = scorer._formatter(messages=rubric.messages(
+                WRONG.question, WRONG.response, WRONG.ground_truth, json_mode=True, compact=True)).prompt
+            text += '{"thought_process": '
+            judge_once = teacher.grade_now([RIGHT])  # the cache now holds another grade
+            assert judge_once[0].ok
+            probs = scorer._scale_probs(text, list(range(0, 11)))
+
+            def fresh(s: str) -> np.ndarray:
+                llm.n_tokens = 0
+                llm.eval(scorer._tokens(s))
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+                p = np.exp(logits.astype(np.float64) - logits.max())
+                return (p / p.sum())[scorer._digit_ids]
+
+            first, after_one = fresh(text), fresh(text + "1")
+        finally:
+            asyncio.run(teacher.aclose())
+        assert probs[10] == pytest.approx(first[1] * after_one[0], rel=1e-6)
+        assert probs[1] == pytest.approx(first[1] * (1.0 - after_one.sum()), rel=1e-6)
+        assert probs[3] == pytest.approx(first[3], rel=1e-6)
 
     def test_the_reused_prompt_cache_does_not_change_a_grade(self):
         cfg = load_config(None)

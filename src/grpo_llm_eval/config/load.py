@@ -192,6 +192,11 @@ def _check_grade_room(cfg: Config, problems: list[str]) -> None:
     rubric = Rubric.from_config(cfg)
     if (cfg.teacher_backend == "local" and cfg.teacher_logprob_scores
             and all(forced_scale(c) is not None for c in rubric.criteria)):
+        if cfg.max_feedback_new_tokens == 0 and cfg.sft_beta > 0 and cfg.sft_target == "feedback":
+            problems.append(
+                f"max_feedback_new_tokens: 0 with sft_beta: {cfg.sft_beta} and sft_target: feedback: the local "
+                "teacher would write no explanation, so SFT would train on bare scores; set max_feedback_new_tokens "
+                "above 0 (e.g. 32), or sft_target: best_response.")
         return
     json_mode = cfg.teacher_structured_output
     fewest, typical = rubric.grade_tokens(json_mode, compact=cfg.teacher_backend == "local")
@@ -224,6 +229,30 @@ def _check_samples(cfg: Config, problems: list[str], criteria_ok: bool) -> None:
             "(teacher_logprob_scores: true): they read probabilities and ignore teacher_temperature, so every "
             "sample would be the same grade; set teacher_samples: 1 (the probability-weighted score is already "
             "an average over the teacher's choices), or teacher_logprob_scores: false to sample decoded grades.")
+
+
+def _check_micro_batch(cfg: Config, problems: list[str]) -> None:
+    """micro_batch_size slices an update through TRL's gradient accumulation: refuse it where the slices would not
+    add up to the same update."""
+    micro, batch = cfg.micro_batch_size, cfg.prompts_per_step * cfg.num_return_sequences
+    if not micro or micro >= batch:  # the whole batch at once
+        return
+    if batch % micro:
+        problems.append(f"micro_batch_size: {micro} does not divide an update's {batch} completions (prompts_per_step "
+                        f"x num_return_sequences); use a divisor of {batch}, or 0 for the whole batch at once.")
+    taken = [k for k in ("per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
+                         "generation_batch_size") if k in cfg.trl]
+    if taken:
+        problems.append(f"micro_batch_size: {micro} sets TRL's batch sizes, and trl.{taken[0]} sets them too; drop "
+                        "one of the two.")
+    loss = cfg.trl.get("loss_type", "dapo")
+    if loss not in ("dapo", "grpo", "dr_grpo"):
+        problems.append(f"micro_batch_size: {micro} with trl.loss_type: {loss}: that loss is normalised per slice, so "
+                        "slicing would change the update; set micro_batch_size: 0, or a loss_type of dapo, grpo or "
+                        "dr_grpo.")
+    if cfg.sft_beta > 0:
+        problems.append(f"micro_batch_size: {micro} with sft_beta: {cfg.sft_beta}: the SFT term is not sliced with the "
+                        "batch (untested); set micro_batch_size: 0 to train with SFT.")
 
 
 def _check_judge_ahead(cfg: Config, problems: list[str]) -> None:
@@ -322,6 +351,7 @@ def validate(data: dict) -> Config:
 
         warn_unsloth_fallback()
     _check_judge_ahead(cfg, problems)
+    _check_micro_batch(cfg, problems)
     if cfg.group_judge_passes > 1 and cfg.judge_mode != "group":
         problems.append(f"group_judge_passes: {cfg.group_judge_passes} only applies to judge_mode group (judge_mode is "
                         f"{cfg.judge_mode}); set judge_mode: group, or group_judge_passes: 1.")

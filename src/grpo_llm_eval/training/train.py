@@ -45,6 +45,8 @@ def grpo_args(cfg, out_dir: Path):
     from trl import GRPOConfig
 
     cuda = torch.cuda.is_available()
+    batch = cfg.prompts_per_step * cfg.num_return_sequences
+    micro = min(cfg.micro_batch_size or batch, batch)
     mapped = dict(
         output_dir=str(out_dir),
         max_steps=cfg.total_steps,
@@ -55,8 +57,10 @@ def grpo_args(cfg, out_dir: Path):
         beta=cfg.grpo_beta,
         num_generations=cfg.num_return_sequences,
         max_completion_length=cfg.max_new_tokens,
-        per_device_train_batch_size=cfg.prompts_per_step * cfg.num_return_sequences,
-        gradient_accumulation_steps=cfg.accumulation_steps,
+        # micro_batch_size: the batch in slices, their gradients accumulated; the generation batch (per-device
+        # batch x steps_per_generation, which defaults to the accumulation steps) stays the same.
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=cfg.accumulation_steps * (batch // micro),
         temperature=cfg.temperature,
         top_p=cfg.top_p,
         top_k=cfg.top_k,

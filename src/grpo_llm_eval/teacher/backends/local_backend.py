@@ -132,6 +132,13 @@ class LocalTeacher:
                 scorer = ForcedScorer(self._llm, self.rubric, self.cfg.max_feedback_new_tokens)
                 if scorer.supports:
                     self._scorer = scorer
+                elif self.cfg.max_feedback_new_tokens == 0:  # llama.cpp reads max_tokens 0 as "up to the context"
+                    self._llm.close()
+                    self._llm = None
+                    raise TeacherUnavailable(
+                        f"max_feedback_new_tokens: 0 writes scores only, which needs the forced-key scorer, and it does "
+                        f"not apply to {self.path.name} with this rubric (see teacher/backends/local_scores.py); set "
+                        "max_feedback_new_tokens to hold a whole grade, e.g. 512.")
                 else:  # decoded grades with top_logprobs need logits for every position
                     logger.info("Logprob scores by grammar decoding: the forced-key scorer does not apply to %s "
                                 "(see teacher/backends/local_scores.py).", self.path.name)

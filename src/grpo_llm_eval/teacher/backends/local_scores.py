@@ -11,8 +11,13 @@ criterion's scale is read from the digit tokens (one more pass for a first digit
 the "1" of "10"), renormalised over the scale, and the criterion's score is the probability-weighted mean
 (the same meaning as ``teacher_logprob_scores`` has with an OpenAI server). The most likely integer is written
 into the grade before the next key, as greedy decoding would. An explanation of up to
-``max_feedback_new_tokens`` tokens is then decoded freely up to its closing quote. llama.cpp reuses the KV
-cache of the prompt prefix each pass shares with the previous one, so a grade costs the tokens that differ.
+``max_feedback_new_tokens`` tokens is then decoded freely up to its closing quote (0: none, and the grade is
+the scores alone: the offline default, where nothing reads it). llama.cpp reuses the KV cache of the prompt
+prefix each pass shares with the previous one, so a grade costs the tokens that differ; and the "1" that may
+continue into "10" is evaluated in the same decode as the key before it, with logits kept for both positions,
+so a criterion costs one llama.cpp call. On CPU a call costs about as much again as a token, and a one-token
+call computes differently from a longer one (its probabilities differed by up to 0.05), so reading it in
+the key's decode is both cheaper and the same reading a fresh evaluation of the whole text gives.
 
 In group form (``judge_mode: group``, `ForcedScorer.grade_group`) the grade is ``{"R1": {...}, "R2": {...}}``: the
 same keys forced under each label, the digits read per criterion per label, a short explanation per label.
@@ -51,6 +56,7 @@ class ForcedScorer:
         self.rubric = rubric
         self.explanation_tokens = max(0, int(explanation_tokens))
         self._digit_ids = self._single_digit_tokens()
+        self._batch_handle = None
         template = llm.metadata.get("tokenizer.chat_template")
         self._formatter = None
         if template:
@@ -78,33 +84,89 @@ class ForcedScorer:
         return (self._formatter is not None and self._digit_ids is not None
                 and all(forced_scale(c) is not None for c in self.rubric.criteria))
 
-    def _next_token_probs(self, text: str) -> np.ndarray:
-        """Probabilities of the token after TEXT, evaluating only what differs from the cached prefix."""
+    def _next_token_probs(self, text: str, then: str = "") -> list[np.ndarray]:
+        """Probabilities of the token after TEXT (and, with THEN one more token, after TEXT + THEN), evaluating only
+        what differs from the cached prefix, in ONE llama.cpp decode: a call costs about as much as a token on
+        CPU, so reading the "1" of "10" beside the key before it saves a call per criterion."""
+        tokens = self._tokens(text)
+        rows = 1
+        if then:
+            longer = self._tokens(text + then)
+            if len(longer) == len(tokens) + 1 and longer[:-1] == tokens:
+                tokens, rows = longer, 2
+            else:  # THEN merges with what precedes it: read it in a pass of its own
+                return self._next_token_probs(text) + self._next_token_probs(text + then)
+        return self._decode(tokens, rows)
+
+    def _decode(self, tokens: list[int], rows: int) -> list[np.ndarray]:
+        """Evaluate TOKENS from what the KV cache holds; the next-token probabilities after each of the last ROWS."""
         import llama_cpp
 
         llm = self.llm
-        tokens = self._tokens(text)
         cached = llm.input_ids[: llm.n_tokens]
         common = 0
         for a, b in zip(cached, tokens, strict=False):
             if a != b:
                 break
             common += 1
-        llm.n_tokens = min(common, len(tokens) - 1)  # at least one token is evaluated, so logits are fresh
-        llm.eval(tokens[llm.n_tokens:])
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
-        logits = logits.astype(np.float64)
-        logits -= logits.max()
-        probs = np.exp(logits)
-        return probs / probs.sum()
+        llm.n_tokens = min(common, len(tokens) - rows)  # the rows read are evaluated now, so their logits are fresh
+        head, tail = tokens[llm.n_tokens:-llm.n_batch], tokens[llm.n_tokens:][-llm.n_batch:]
+        if head:
+            llm.eval(head)
+        # What Llama.eval does for a batch, with logits kept for the last ROWS positions rather than the last alone.
+        n_past = llm.n_tokens
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(llm.ctx), 0, n_past, -1)
+        batch = self._batch
+        batch.n_tokens = len(tail)
+        for i, token in enumerate(tail):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, n_past + i, 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = i >= len(tail) - rows
+        code = llama_cpp.llama_decode(llm.ctx, batch)
+        if code != 0:
+            llm.n_tokens = n_past  # what the cache holds for certain
+            raise RuntimeError(f"llama_decode returned {code}")
+        llm.input_ids[n_past: n_past + len(tail)] = tail
+        llm.n_tokens = n_past + len(tail)
+        out = []
+        for i in range(len(tail) - rows, len(tail)):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, i), shape=(llm.n_vocab(),))
+            logits = logits.astype(np.float64)
+            logits -= logits.max()
+            probs = np.exp(logits)
+            out.append(probs / probs.sum())
+        return out
+
+    @property
+    def _batch(self):
+        """One llama_batch of n_batch tokens, for this scorer's lifetime (freed with it)."""
+        if self._batch_handle is None:
+            import weakref
+
+            import llama_cpp
+
+            self._batch_handle = llama_cpp.llama_batch_init(self.llm.n_batch, 0, 1)
+            weakref.finalize(self, llama_cpp.llama_batch_free, self._batch_handle)
+        return self._batch_handle
 
     def _scale_probs(self, text: str, scale: list[int]) -> dict[int, float]:
         """P(value) for each integer of SCALE written after TEXT, before renormalisation."""
         strings = {v: str(v) for v in scale}
         out: dict[int, float] = {}
+        # The first digit that can continue (the "1" of "10") is read in the same decode as TEXT.
+        ahead = next((d for d in DIGITS if any(s.startswith(d) and len(s) > 1 for s in strings.values())), "")
+        read: dict[str, np.ndarray] = {}
+
+        def probs_after(prefix: str) -> np.ndarray:
+            if prefix not in read:
+                if prefix == "" and ahead:
+                    read[""], read[ahead] = self._next_token_probs(text, ahead)
+                else:
+                    read[prefix] = self._next_token_probs(text + prefix)[0]
+            return read[prefix]
 
         def walk(prefix: str, mass: float) -> None:
-            probs = self._next_token_probs(text + prefix)
+            probs = probs_after(prefix)
             digit = probs[self._digit_ids]
             stop = max(0.0, 1.0 - float(digit.sum()))  # anything but a digit ends the number
             if prefix and prefix in strings.values():
