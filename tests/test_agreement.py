@@ -30,6 +30,12 @@ def _worker(rank: int, port: int, scenario: str, out: str) -> None:
     assert accelerator.num_processes == 2
     result = SCENARIOS[scenario](accelerator, rank)
     Path(out, f"rank-{rank}.json").write_text(json.dumps(result))
+    # Leave together: a process that exits while its partner still holds the gloo group can abort the partner's
+    # teardown ("terminate called without an active exception", SIGABRT), which has nothing to do with the scenario.
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def run_two(scenario: str, tmp_path: Path) -> list[dict]:
