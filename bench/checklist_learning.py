@@ -19,7 +19,8 @@ Steps, one after the other (never two at once: they would share the CPU):
 
 Prints Markdown tables; writes OUT/checklist_learning.json and one log per step.
 
-    python bench/checklist_learning.py --out /tmp/bench-checklist          # about 1 hour on 2 shared cores
+    python bench/checklist_learning.py --out /tmp/bench-checklist/run --arms checks,teacher_135m --steps 6 \
+        --prompts-per-step 2 --learning-rate 1e-4 --minutes 14      # bench/RESULTS.md section 10; about 40 min on 2 busy cores
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def steps_done(out: Path, name: str) -> int:
 
 def evaluate(models: list[str], out: Path, limit: int) -> dict:
     dest = out / "eval"
-    cmd = cli("evaluate", "--limit", str(limit), "--samples", "1", "--output", str(dest), sets=["teacher_weight=0"])
+    cmd = cli("evaluate", "--limit", str(limit), "--samples", "1", "--output", str(dest), sets=["teacher_weight=0", "verifier_checklist_weight=1"])  # checks only: no teacher loads
     for m in models:
         cmd += ["--model", m]
     run(cmd, out / "eval.log")
@@ -162,13 +163,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="/tmp/bench-checklist")
     parser.add_argument("--arms", default=",".join(ORDER), help=f"comma list of {', '.join(ARMS)}")
-    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--prompts-per-step", type=int, default=4)
     parser.add_argument("--completions", type=int, default=8, help="num_return_sequences")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--learning-rate", type=float, default=5e-5)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--minutes", type=float, default=120, help="max_train_minutes per arm (set not to bind)")
+    parser.add_argument("--minutes", type=float, default=18, help="max_train_minutes per arm (a cap; the step count is the budget)")
     parser.add_argument("--limit", type=int, default=0, help="held-out prompts evaluated (0: the whole test split)")
     parser.add_argument("--calib-limit", type=int, default=40)
     parser.add_argument("--calib-samples", type=int, default=4)
@@ -195,6 +196,8 @@ def main() -> int:
         print(f"calibrating the 135M teacher on {args.calib_limit} x {args.calib_samples} answers...", flush=True)
         result["calibration"] = calibrate(out, args.calib_limit, args.calib_samples)
         state.write_text(json.dumps(result, indent=1))
+    elif "calibration" not in result and (out / "calibrate" / "calibration.json").exists():
+        result["calibration"] = {"item_auc": json.loads((out / "calibrate" / "calibration.json").read_text())["item_auc"]}
     for name in names:
         if not args.skip_training:
             print(f"training {name}: {' '.join(budget)}...", flush=True)
