@@ -21,6 +21,8 @@ Prints Markdown tables; writes OUT/checklist_learning.json and one log per step.
 
     python bench/checklist_learning.py --out /tmp/bench-checklist/run --arms checks,teacher_135m --steps 6 \
         --prompts-per-step 2 --learning-rate 1e-4 --minutes 14      # bench/RESULTS.md section 10; about 40 min on 2 busy cores
+    python bench/checklist_learning.py --out /tmp/bench-checklist/run8 --arms teacher_135m,checks,scripted_teacher \
+        --steps 8 --prompts-per-step 4 --learning-rate 5e-5 --minutes 20    # the larger budget, all three arms
 """
 
 from __future__ import annotations
