@@ -102,7 +102,7 @@ def steps_done(out: Path, name: str) -> int:
 
 def evaluate(models: list[str], out: Path, limit: int) -> dict:
     dest = out / "eval"
-    cmd = cli("evaluate", "--limit", str(limit), "--samples", "1", "--output", str(dest), sets=["teacher_weight=0", "verifier_checklist_weight=1"])  # checks only: no teacher loads
+    cmd = cli("evaluate", "--limit", str(limit), "--samples", "1", "--output", str(dest), sets=["teacher_weight=0", "verifier_checklist_weight=1"])  # the checks measure; the teacher still grades (items/<id>/met)
     for m in models:
         cmd += ["--model", m]
     run(cmd, out / "eval.log")
