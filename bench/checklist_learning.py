@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -47,20 +46,8 @@ ARMS = {
 }
 ORDER = ["scripted_teacher", "checks", "teacher_135m"]  # the fast arms first
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(cmd: list[str], log: Path, env=None) -> float:
-    started = time.perf_counter()
-    with open(log, "w", encoding="utf-8") as fh:
-        code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    if code != 0:
-        raise SystemExit(f"{' '.join(cmd[:5])}... failed ({code}); see {log}")
-    return time.perf_counter() - started
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablation import free_port, run  # noqa: E402 (the same launcher and log handling as the ablation)
 
 
 def cli(sub: str, *args: str, sets: list[str] = ()) -> list[str]:
