@@ -127,15 +127,11 @@ class ItemRubric(Rubric):
         if self.aggregation == "implicit":
             value = scores.get(OVERALL)
             return None if value is None or not math.isfinite(value) else min(1.0, max(0.0, value / 10.0))
+        # The criteria are the items, weighted by their weights: the rubric's own weighted sum (None for a missing one).
+        total = super().reward(scores)
+        if total is None:
+            return None
         positive = sum(i.weight for i in self.items if i.weight > 0)
-        total = 0.0
-        for i in self.items:
-            if i.weight == 0:
-                continue
-            value = scores.get(i.id)
-            if value is None or not math.isfinite(value):
-                return None
-            total += i.weight * value
         return min(1.0, max(0.0, total / positive))
 
     def reward(self, scores: dict[str, float | None], items: Sequence = ()) -> float | None:
