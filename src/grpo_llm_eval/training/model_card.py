@@ -229,29 +229,30 @@ def _spend_section(spend: dict) -> str:
     return f"## Teacher spend\n\n{text} (the whole run, every process, resumes included)."
 
 
+def _table(data: dict, format_table, what: str) -> str | None:
+    """FORMAT_TABLE(DATA), or None (and a warning) when DATA has an unexpected shape."""
+    try:
+        return format_table(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        logger.warning("model card: the %s has an unexpected shape (%s); left out", what, exc)
+        return None
+
+
 def _eval_section(summary: dict | None) -> str:
-    if not summary:
-        return ""
     from grpo_llm_eval.evaluation.evaluate import format_table
 
-    try:
-        table = format_table(summary)
-    except (KeyError, TypeError, ValueError) as exc:
-        logger.warning("model card: the evaluation summary has an unexpected shape (%s); left out", exc)
+    table = _table(summary, format_table, "evaluation summary") if summary else None
+    if table is None:
         return ""
     return ("## Evaluation\n\nThe last `grpo_llm_eval evaluate` (mean [95 % interval]; paired differences against "
             f"the first model):\n\n```text\n{table}\n```")
 
 
 def _calibration_section(calibration: dict | None) -> str:
-    if not calibration:
-        return ""
     from grpo_llm_eval.evaluation.calibrate import format_table
 
-    try:
-        table = format_table(calibration)
-    except (KeyError, TypeError, ValueError) as exc:
-        logger.warning("model card: the calibration has an unexpected shape (%s); left out", exc)
+    table = _table(calibration, format_table, "calibration") if calibration else None
+    if table is None:
         return ""
     return (f"## Teacher calibration\n\nVerdict: {calibration.get('verdict')}\n\nThe teacher measured against the "
             f"verifier by `grpo_llm_eval calibrate`:\n\n```text\n{table}\n```")
