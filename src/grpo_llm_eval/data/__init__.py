@@ -396,23 +396,18 @@ def _rubrics(raw: datasets.Dataset, cfg: Config, name: str, split: str) -> list[
             raise DataError(f"dataset {name!r} split {split!r} has no column {column!r} (set by "
                             f"dataset_rubric_column); available columns: {', '.join(raw.column_names)}.")
         return None
+    try:
+        own = rubrics.column_items(raw[column], column, f"dataset {name!r} split {split!r}")
+    except rubrics.RubricError as exc:
+        raise DataError(f"{exc}.") from None
     limit = rubrics.context_chars(cfg)
-    out = []
-    for i, value in enumerate(raw[column]):
-        if rubrics.is_empty(value):
-            out.append("")
-            continue
-        try:
-            items = rubrics.parse_cell(value)
-        except rubrics.RubricError as exc:
-            raise DataError(f"dataset {name!r} split {split!r} row {i + 1}, column {column!r}: {exc}.") from None
+    for i, items in enumerate(own):
         chars = sum(len(item.text) + len(item.id) + 30 for item in items)
         if limit and chars > limit:
             raise DataError(f"dataset {name!r} split {split!r} row {i + 1}, column {column!r}: the rubric has "
                             f"{chars} characters, too long for the teacher's context (about {limit} characters "
                             "left for it); shorten or split it, or use a teacher with a longer context.")
-        out.append(rubrics.to_json(items))
-    return out
+    return [rubrics.to_json(items) for items in own]
 
 
 def _as_text(value: Any) -> str:

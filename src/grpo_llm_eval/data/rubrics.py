@@ -168,12 +168,11 @@ def context_chars(cfg) -> int | None:
     return LOCAL_CONTEXT_TOKENS // 2 * 3
 
 
-def rows_items(rows: list[dict], column: str, where: str) -> list[tuple[RubricItem, ...]]:
-    """Each row's own items (() for none) from COLUMN of plain dict rows (``judge``'s input); raises RubricError
-    naming WHERE, the row (counted from 1) and the column."""
+def column_items(values, column: str, where: str) -> list[tuple[RubricItem, ...]]:
+    """Each cell's items (() for an empty cell) of COLUMN's VALUES; raises RubricError naming WHERE, the row
+    (counted from 1) and the column."""
     out = []
-    for number, row in enumerate(rows, start=1):
-        value = row.get(column)
+    for number, value in enumerate(values, start=1):
         if is_empty(value):
             out.append(())
             continue
@@ -182,6 +181,11 @@ def rows_items(rows: list[dict], column: str, where: str) -> list[tuple[RubricIt
         except RubricError as exc:
             raise RubricError(f"{where} row {number}, column {column!r}: {exc}") from None
     return out
+
+
+def rows_items(rows: list[dict], column: str, where: str) -> list[tuple[RubricItem, ...]]:
+    """``column_items`` of plain dict rows (``judge``'s and ``calibrate --responses``' input)."""
+    return column_items([row.get(column) for row in rows], column, where)
 
 
 def to_json(items: tuple[RubricItem, ...] | None) -> str:
