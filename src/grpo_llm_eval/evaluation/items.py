@@ -9,7 +9,6 @@ over every row that has it.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -71,35 +70,10 @@ def item_metrics(rows: Iterable[dict]) -> dict[str, float]:
     return out
 
 
-def item_pass_rates(records: Iterable[dict], source: str = "check") -> dict[str, dict]:
-    """Per item id over RECORDS (each with an ``items`` dict as ``item_records`` writes): passes, n, rate.
-
-    ``source``: "check" (the programmatic check) or "met" (the teacher's verdict).
-
-    >>> item_pass_rates([{"items": {"a": {"check": True}}}, {"items": {"a": {"check": False}, "b": {"check": None}}}])
-    {'a': {'passes': 1, 'n': 2, 'rate': 0.5}}
-    """
-    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for rec in records:
-        for item_id, item in (rec.get("items") or {}).items():
-            value = item.get(source)
-            if value is None:
-                continue
-            counts[item_id][0] += bool(value)
-            counts[item_id][1] += 1
-    return {k: {"passes": p, "n": n, "rate": p / n} for k, (p, n) in sorted(counts.items()) if n}
-
-
 def all_met(record: dict, source: str = "check") -> bool | None:
     """Whether every item of a record with verdicts passed (None: no item has one)."""
     values = [item.get(source) for item in (record.get("items") or {}).values() if item.get(source) is not None]
     return all(values) if values else None
-
-
-def finite_mean(values: Iterable[float | None]) -> float | None:
-    """Mean of the finite values, or None."""
-    kept = [v for v in values if v is not None and math.isfinite(v)]
-    return statistics.fmean(kept) if kept else None
 
 
 def item_auc(rows: Iterable[dict], seed: int = 0, min_per_class: int = 5) -> dict[str, dict]:
