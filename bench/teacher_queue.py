@@ -43,7 +43,9 @@ def start_server(log: Path, threads: int) -> tuple[subprocess.Popen, str]:
     from grpo_llm_eval.models import bundled_gguf_path
 
     port = free_port()
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(bundled_gguf_path("smollm2-135m-instruct")),
+    # The server with the project's portable model defaults (teacher/backends/llamacpp.py): the bare
+    # `python -m llama_cpp.server` dies of SIGSEGV on a VM whose CPU reports AMX, at the first grade.
+    command = [sys.executable, "-m", "grpo_llm_eval.teacher.backends.llamacpp", "--model", str(bundled_gguf_path("smollm2-135m-instruct")),
                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--model_alias", ALIAS,
                "--n_threads", str(threads), "--n_threads_batch", str(threads)]
     with open(log, "wb") as out:

@@ -30,7 +30,7 @@ def _build_inner(cfg, rubric, cache_path: Path | None):
     elif cfg.teacher_backend == "local":
         from grpo_llm_eval.teacher.backends.local_backend import LocalTeacher
 
-        teacher = LocalTeacher(cfg, rubric)
+        teacher = LocalTeacher(cfg, rubric, process=True)  # the model in a process of its own (local_worker.py)
     else:  # validated earlier; kept for library callers
         raise ValueError(f"teacher_backend {cfg.teacher_backend!r}: use one of {', '.join(BACKENDS)}")
     if cfg.judge_mode == "group":

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from grpo_llm_eval.teacher.backends import local_group
 from grpo_llm_eval.teacher.backends.local_scores import ForcedScorer
+from grpo_llm_eval.teacher.backends.local_worker import TeacherWorker, WorkerCrashed
 from grpo_llm_eval.teacher.backends.probe import check_in_child
 from grpo_llm_eval.teacher.grading.completion import TruncationCheck, judgement_from_completion
 from grpo_llm_eval.teacher.grading.group_grading import failed_group
@@ -96,7 +97,8 @@ def default_threads(concurrent: bool = True) -> int:
 class LocalTeacher:
     """Teacher protocol over an in-process llama.cpp model."""
 
-    def __init__(self, cfg, rubric, n_ctx: int = 4096, n_threads: int | None = None, verbose: bool = False):
+    def __init__(self, cfg, rubric, n_ctx: int = 4096, n_threads: int | None = None, verbose: bool = False,
+                 process: bool = False):
         self.cfg = cfg
         self.rubric = rubric
         self.group_prompt = GroupPrompt(rubric)  # judge_mode: group (teacher/backends/local_group.py)
@@ -111,6 +113,9 @@ class LocalTeacher:
         self.check_first_in_child = True  # health_check grades once in a child process first (teacher/backends/probe.py)
         self._truncation = TruncationCheck(rubric, cfg.max_feedback_new_tokens)  # decoded grades only
         self.usage = UsageMeter.from_config(cfg)  # tokens counted with the model's own tokenizer (usage.py)
+        # PROCESS: the model lives in a child process and grades there (teacher/backends/local_worker.py: faster
+        # beside torch, a native crash contained); what build_teacher makes. Else in this process (benches, tests).
+        self._worker = TeacherWorker(self) if process else None
 
     def _load(self, logits_all: bool):
         from grpo_llm_eval.teacher.backends.llamacpp import load_llama
@@ -148,7 +153,11 @@ class LocalTeacher:
 
     async def health_check(self) -> None:
         """Grade a test response in a child process first (a native crash there ends nothing but the child;
-        teacher/backends/probe.py), then load the model here."""
+        teacher/backends/probe.py), then load the model here; in process mode, start the teacher's process, which
+        loads the model and grades the test response (local_worker.py)."""
+        if self._worker is not None:
+            await asyncio.to_thread(self._worker.start)
+            return
         if self.check_first_in_child and self._llm is None:
             await asyncio.to_thread(check_in_child, self.cfg, self.n_ctx, self.n_threads, self.path)
         try:
@@ -171,13 +180,23 @@ class LocalTeacher:
                     else local_group.closed_group(c, self.rubric.names) for c in calls]
 
     def _judge_group_gated(self, call: GroupCall) -> list[Judgement]:
-        rubric = self.rubric.for_items(call.rubric)  # the example's own items, if it has them
-        group = self.group_prompt if rubric is self.rubric else GroupPrompt(rubric)
-        names = rubric.names
+        names = self.rubric.for_items(call.rubric).names
         try:
             self.usage.check()
         except BudgetSpent as exc:
             return failed_group(call, names, "budget_spent", str(exc), attempts=0)
+        if self._worker is not None:
+            try:
+                return self._worker.grade("group", call)
+            except WorkerCrashed as exc:
+                return failed_group(call, names, "error", str(exc))
+        return self._grade_group(call)
+
+    def _grade_group(self, call: GroupCall) -> list[Judgement]:
+        """Grade one group call with the model in this process (what the teacher's process runs in process mode)."""
+        rubric = self.rubric.for_items(call.rubric)  # the example's own items, if it has them
+        group = self.group_prompt if rubric is self.rubric else GroupPrompt(rubric)
+        names = rubric.names
         self._model()
         start = time.perf_counter()
         try:
@@ -207,6 +226,11 @@ class LocalTeacher:
             self.usage.check()
         except BudgetSpent as exc:
             return Judgement.failed("budget_spent", self.rubric.for_items(req.rubric).names, error=str(exc), attempts=0)
+        if self._worker is not None:
+            try:
+                return self._worker.grade("one", req)
+            except WorkerCrashed as exc:
+                return Judgement.failed("error", self.rubric.for_items(req.rubric).names, error=str(exc))
         return self._judge_one(req)
 
     def _judge_one(self, req: JudgeRequest) -> Judgement:
@@ -284,6 +308,8 @@ class LocalTeacher:
 
     def _close_model(self) -> None:
         with self._lock:
+            if self._worker is not None:
+                self._worker.close()
             if self._llm is not None:
                 self._llm.close()
                 self._llm = None

@@ -29,26 +29,29 @@ LLAMA_PIN = "llama-cpp-python==0.3.36"  # keep in step with pyproject.toml
 REBUILD = (f"pip install --force-reinstall --no-deps --no-cache-dir --no-binary llama-cpp-python '{LLAMA_PIN}'")
 
 
-def _signal_name(code: int) -> str:
+def signal_name(code: int) -> str:
+    """SIGSEGV for an exit code of -11 (a process killed by a signal)."""
     try:
         return signal.Signals(-code).name
     except ValueError:
         return f"signal {-code}"
 
 
+def crash_cause(code: int) -> str:
+    """The likely cause of a native crash with exit code CODE, and its fix."""
+    if signal_name(code) == "SIGILL":
+        return ("an instruction this CPU does not have: llama-cpp-python was compiled for another CPU (a wheel "
+                f"built or cached on another machine); rebuild it here: {REBUILD}")
+    return ("native code in llama.cpp crashed on this CPU (for example AMX or AVX-512 instructions that "
+            "this VM reports but does not permit); rebuild llama-cpp-python here "
+            f"({REBUILD}), leave GRPO_LLM_EVAL_LLAMA_EXTRA_BUFTS unset, or serve the teacher elsewhere "
+            "and set teacher_backend: openai")
+
+
 def crash_message(gguf, code: int) -> str:
     """One line: which signal killed the child grading GGUF, the likely cause, and the fix."""
-    name = _signal_name(code)
-    if name == "SIGILL":
-        cause = ("an instruction this CPU does not have: llama-cpp-python was compiled for another CPU (a wheel "
-                 f"built or cached on another machine); rebuild it here: {REBUILD}")
-    else:
-        cause = ("native code in llama.cpp crashed on this CPU (for example AMX or AVX-512 instructions that "
-                 "this VM reports but does not permit); rebuild llama-cpp-python here "
-                 f"({REBUILD}), leave GRPO_LLM_EVAL_LLAMA_EXTRA_BUFTS unset, or serve the teacher elsewhere "
-                 "and set teacher_backend: openai")
-    return (f"the local teacher crashed ({name}) grading a test response with {gguf}, before training started: "
-            f"{cause}. Run with --debug for the crash trace.")
+    return (f"the local teacher crashed ({signal_name(code)}) grading a test response with {gguf}, before training "
+            f"started: {crash_cause(code)}. Run with --debug for the crash trace.")
 
 
 def check_in_child(cfg, n_ctx: int, n_threads: int, gguf, timeout_s: float = 600.0) -> dict:
