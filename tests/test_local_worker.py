@@ -96,6 +96,39 @@ class TestNativeCrash:
         assert teacher._worker.crashes == 1
 
 
+    def test_a_process_that_died_between_batches_is_replaced_without_failing_a_grade(self):
+        cfg, rubric = offline()
+        teacher = LocalTeacher(cfg, rubric, n_threads=1, process=True)
+
+        async def grade():
+            first = await teacher.judge(REQUESTS[:2])
+            pid = teacher._worker.pid
+            os.kill(pid, signal.SIGKILL)
+            await asyncio.sleep(0.5)
+            second = await teacher.judge(REQUESTS[2:4])
+            return first, second, pid
+
+        first, second, pid = run(teacher, grade)
+        assert [j.status for j in first + second] == ["ok"] * 4
+        assert teacher._worker.crashes == 1
+
+    def test_after_the_last_restart_every_grade_fails_at_once_with_the_reason(self, monkeypatch):
+        from grpo_llm_eval.teacher.backends import local_worker
+
+        monkeypatch.setattr(local_worker, "MAX_RESTARTS", 0)
+        cfg, rubric = offline()
+        teacher = LocalTeacher(cfg, rubric, n_threads=1, process=True)
+
+        async def grade():
+            os.kill(teacher._worker.pid, signal.SIGKILL)
+            await asyncio.sleep(0.5)
+            return await teacher.judge(REQUESTS[:2])
+
+        judgements = run(teacher, grade)
+        assert [j.status for j in judgements] == ["error", "error"]
+        assert all("died too often (1 crashes, 0 restarts)" in j.error for j in judgements), [j.error for j in judgements]
+
+
 class TestNoMainGuardNeeded:
     def test_a_script_without_a_main_guard_can_grade(self, tmp_path):
         """multiprocessing's spawn would run this script again in the child and fail in its bootstrap."""

@@ -99,8 +99,9 @@ class TeacherWorker:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    def start(self) -> dict:
-        """Start the child and wait for its test grade; raise TeacherUnavailable in one line if it cannot grade."""
+    def start(self, when: str = "before training started") -> dict:
+        """Start the child and wait for its test grade; raise TeacherUnavailable in one line if it cannot grade
+        (WHEN: what the message says of the moment)."""
         t = self.teacher
         # A new interpreter running this module, not multiprocessing's spawn: spawn runs the parent's main script
         # again in the child, which a user's script without a __main__ guard cannot survive.
@@ -115,7 +116,12 @@ class TeacherWorker:
             message = self._receive(START_TIMEOUT_S)
         except WorkerCrashed:
             self._debug_log()
-            raise TeacherUnavailable(crash_message(t.path, self._proc.returncode)) from None
+            code = self._proc.returncode
+            self.close()
+            if code is not None and code >= 0:  # exited rather than killed: a Python error before it could report
+                raise TeacherUnavailable(f"the local teacher's process exited with code {code} before it graded a test "
+                                         f"response with {t.path}; run with --debug to see its output.") from None
+            raise TeacherUnavailable(crash_message(t.path, code, when)) from None
         except TimeoutError:
             self.close()
             raise TeacherUnavailable(
@@ -156,31 +162,44 @@ class TeacherWorker:
     def grade(self, op: str, arg):
         """The child's result for one request ("one": a JudgeRequest, "group": a GroupCall); its usage is added to
         the parent's meter. Raises WorkerCrashed, with the line to record, when the child died or cannot restart."""
+        if self._proc is not None and self._proc.poll() is not None:
+            self._crashed("between grades")  # nothing was in progress: the next process takes this grade
         if self._proc is None:
             if self.crashes > MAX_RESTARTS:
-                raise WorkerCrashed(f"the local teacher crashed {self.crashes} times; no more grades are made")
+                raise WorkerCrashed(f"the local teacher's process died too often ({self.crashes} crashes, "
+                                    f"{MAX_RESTARTS} restarts); no more grades are made")
             try:
-                self.start()
+                self.start(when="while restarting after a crash" if self.crashes else "at its first grade")
             except TeacherUnavailable as exc:
                 self.crashes += 1
                 raise WorkerCrashed(str(exc)) from None
-        self._conn.send((op, arg))
         try:
+            self._conn.send((op, arg))
             message = self._receive()
-        except WorkerCrashed as exc:
-            self.crashes += 1
-            self._debug_log()
-            code = self._proc.returncode or 0
-            self._proc = self._conn = None
-            line = f"the local teacher's process died ({exc}) while grading: {crash_cause(code)}"
-            logger.error("%s. The grade fails; a new process starts for the next one (restart %d of %d).", line,
-                         self.crashes, MAX_RESTARTS)
-            raise WorkerCrashed(line) from None
+        except (WorkerCrashed, OSError):  # OSError: the pipe broke
+            raise WorkerCrashed(self._crashed("while grading")) from None
         if message[0] == "error":
             raise WorkerCrashed(message[1])
         _, out, usage = message
         self.teacher.usage.add(*usage)
         return out
+
+    def _crashed(self, when: str) -> str:
+        """Count, log and clear a dead child; the line that names how it ended and the fix."""
+        self.crashes += 1
+        self._debug_log()
+        if self._proc.poll() is None:
+            self._proc.kill()
+        code = self._proc.wait()
+        self.close()
+        cause = crash_cause(code) if code < 0 else "run with --debug to see its output"
+        line = f"the local teacher's process died ({exit_name(code)}) {when}: {cause}"
+        if self.crashes <= MAX_RESTARTS:
+            logger.error("%s. A new process starts for the next grade (restart %d of %d).", line, self.crashes,
+                         MAX_RESTARTS)
+        else:
+            logger.error("%s. No more restarts (%d crashes): every further grade fails.", line, self.crashes)
+        return line
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Ask the child to stop, then make sure it has (terminate, then kill)."""

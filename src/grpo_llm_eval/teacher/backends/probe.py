@@ -48,10 +48,10 @@ def crash_cause(code: int) -> str:
             "and set teacher_backend: openai")
 
 
-def crash_message(gguf, code: int) -> str:
+def crash_message(gguf, code: int, when: str = "before training started") -> str:
     """One line: which signal killed the child grading GGUF, the likely cause, and the fix."""
-    return (f"the local teacher crashed ({signal_name(code)}) grading a test response with {gguf}, before training "
-            f"started: {crash_cause(code)}. Run with --debug for the crash trace.")
+    return (f"the local teacher crashed ({signal_name(code)}) grading a test response with {gguf}, {when}: "
+            f"{crash_cause(code)}. Run with --debug for the crash trace.")
 
 
 def check_in_child(cfg, n_ctx: int, n_threads: int, gguf, timeout_s: float = 600.0) -> dict:
