@@ -250,3 +250,16 @@ class TestFingerprint:
     def test_weight_change_keeps_it_because_grades_do_not_depend_on_weights(self):
         heavier = Rubric.from_config(Config(answer_weight=0.9))
         assert heavier.fingerprint == SEED.fingerprint
+
+
+def test_explanation_bound_and_grade_tokens_are_one_estimate():
+    """Issue 26 item 10: the explanation bound leaves room for the markup grade_tokens estimates (plus the
+    grammar's measured whitespace), so a grade written at the bound fits max_tokens by that same estimate."""
+    from grpo_llm_eval.teacher.grading import rubric as rmod
+    r = rmod.Rubric(rmod.seed_criteria(), json_output=True)
+    markup = r.grammar_markup_tokens()
+    assert markup >= r.grade_tokens(json_mode=True)[1]
+    assert r.explanation_chars_within(markup) == 0
+    for max_tokens in (markup + 1, 128, 192, 512):
+        chars = r.explanation_chars_within(max_tokens)
+        assert markup + len(r.criteria) * chars / rmod.EXPLANATION_CHARS_PER_TOKEN <= max_tokens

@@ -47,6 +47,11 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PLACEHOLDER = re.compile(r"\{(question|student_response|ground_truth|rubric)\}")
 CHARS_PER_TOKEN_MAX = 8  # a generous bound, so a config is never refused for a grade that could fit
 CHARS_PER_TOKEN_TYPICAL = 3
+# bench/grade_size.py (SmolLM2-135M, llama.cpp grammar from json_schema, 4 grades): markup 13.7-18.3 tokens a
+# criterion against 46 typical for the bare grade (15.3 a criterion), so whitespace the grammar allows adds up to
+# ~3 a criterion; 7 leaves headroom for longer whitespace runs. Explanations took 2.8-3.9 chars a token.
+GRAMMAR_WHITESPACE_TOKENS = 7
+EXPLANATION_CHARS_PER_TOKEN = 2.5
 FENCE_TAGS = ("question", "student_response", "ground_truth", "rubric", "evaluation", "score", "explanation")
 NO_GROUND_TRUTH = "(no ground truth given)"
 @dataclass(frozen=True)
@@ -274,6 +279,11 @@ class Rubric:
         chars = len(self.bare_grade(json_mode, compact))
         return math.ceil(chars / CHARS_PER_TOKEN_MAX), math.ceil(chars / CHARS_PER_TOKEN_TYPICAL)
 
+    def grammar_markup_tokens(self) -> int:
+        """Tokens of a non-compact JSON grade's markup (everything but explanation text) as a grammar engine
+        writes it: ``grade_tokens``' typical count plus the whitespace the grammar lets a model add."""
+        return self.grade_tokens(json_mode=True)[1] + GRAMMAR_WHITESPACE_TOKENS * len(self.criteria)
+
     # ---- structured output --------------------------------------------------------------------
 
     def json_schema(self, max_explanation_chars: int | None = None, compact: bool = False) -> dict:
@@ -313,11 +323,11 @@ class Rubric:
 
         For servers that enforce a schema with a grammar (``json_object`` with a ``schema``: llama.cpp): a small
         teacher otherwise writes explanations until the token limit cuts its grade, and a cut grade has no
-        scores. Estimated low: about 25 tokens of JSON per criterion around the explanation, 2.5 characters a
-        token (digits, punctuation and short words tokenize densely). 0 when no explanation fits.
+        scores. The markup from ``grammar_markup_tokens`` (the estimate ``grade_tokens`` makes), the rest at
+        EXPLANATION_CHARS_PER_TOKEN (measured in bench/grade_size.py). 0 when no explanation fits.
         """
         n = max(1, len(self.criteria))
-        return max(0, int((max_tokens - 25 * n - 10) * 2.5 / n))
+        return max(0, int((max_tokens - self.grammar_markup_tokens()) * EXPLANATION_CHARS_PER_TOKEN / n))
 
     def response_format(self) -> dict:
         """The OpenAI ``response_format`` argument for structured output."""
