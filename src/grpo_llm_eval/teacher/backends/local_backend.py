@@ -95,7 +95,8 @@ def default_threads(concurrent: bool = True) -> int:
 
 
 class LocalTeacher:
-    """Teacher protocol over an in-process llama.cpp model."""
+    """Teacher protocol over a llama.cpp model: in this process, or (``process=True``, what build_teacher makes) in
+    a process of its own that grades what this one sends (local_worker.py)."""
 
     def __init__(self, cfg, rubric, n_ctx: int = 4096, n_threads: int | None = None, verbose: bool = False,
                  process: bool = False):
