@@ -28,7 +28,7 @@ from pathlib import Path
 
 PHASES = [  # (what runs after a log line, the line's pattern): the first match of each, in order
     ("teacher check in a child, teacher load", r"grpo_llm_eval\.data: "),
-    ("student load, trainer build, step 1", r"Local teacher .*threads"),
+    ("student load, trainer build, step 1", r"Local teacher\b.*threads"),
     ("step 2", r"step 1/"),
     ("step 3 on, saving", r"step 2/"),
     ("after training", r"Teacher spend|Done:"),

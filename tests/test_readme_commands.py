@@ -43,7 +43,7 @@ class TestTwoProcessCpuCommand:
         proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=1200)
         assert proc.returncode == 0, proc.stderr[-4000:]
-        threads = [int(n) for n in re.findall(r"Local teacher \S+: (\d+) llama\.cpp threads", proc.stderr)]
+        threads = [int(n) for n in re.findall(r"Local teacher\b[^\n]*?(\d+) llama\.cpp threads", proc.stderr)]
         assert threads == [max(1, usable_cores() // 2)] * 2, proc.stderr[-4000:]
         (run,) = (tmp_path / "runs").iterdir()
         assert (run / "final" / "config.json").is_file()
