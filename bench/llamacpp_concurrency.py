@@ -17,12 +17,11 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from teacher_queue import requests, start_server, teacher
+from teacher_queue import requests, start_server, stop_server, teacher
 
 
 def level(url: str, concurrency: int, batch, feedback_tokens: int) -> dict:
@@ -70,11 +69,7 @@ def main() -> None:
                   f"{r['grades_per_s'] / base['grades_per_s']:.2f} | {r['latency_s']} | "
                   f"{r['latency_s'] / base['latency_s']:.2f} | {r['ok']}/{r['grades']} |")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
 
 
 if __name__ == "__main__":

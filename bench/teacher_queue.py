@@ -65,6 +65,15 @@ def start_server(log: Path, threads: int) -> tuple[subprocess.Popen, str]:
             time.sleep(0.5)
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    """Terminate the server, and kill it if it has not gone in 20 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def requests(n: int):
     from grpo_llm_eval.teacher.types import JudgeRequest
 
@@ -132,11 +141,7 @@ def main() -> None:
                           "calls_ratio_after_vs_before": round(f["calls"] / b["calls"], 3),
                           "time_ratio_after_vs_before": round(f["seconds"] / b["seconds"], 3)}))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
 
 
 if __name__ == "__main__":
